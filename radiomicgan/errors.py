@@ -1,0 +1,17 @@
+"""Errors the user can act on.
+
+Every problem with user input is a ``CTInputError`` whose message is one line naming the file and the
+problem; the command line prints it and exits with status 2 instead of showing a traceback.
+"""
+
+
+class RadiomicGANError(Exception):
+    """Base of the project's own errors (anything else is a bug)."""
+
+
+class CTInputError(RadiomicGANError):
+    """A volume, folder or file the user gave cannot be used as CT input or output."""
+
+
+class DatasetError(RadiomicGANError):
+    """A manifest of training pairs is malformed or its pairs do not match."""
