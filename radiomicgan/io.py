@@ -363,6 +363,10 @@ def _write_image_file(volume: CTVolume, p: Path, suffix: str, description: str |
         image.SetMetaData("DerivationDescription", derivation)
     # NIfTI keeps only an 80-character description; put the kernel first so it survives.
     image.SetMetaData("ITK_FileNotes", f"kernel={meta.kernel};{description or ''}"[:79])
+    return _atomic_sitk_write(image, p, suffix)
+
+
+def _atomic_sitk_write(image: sitk.Image, p: Path, suffix: str) -> Path:
     tmp = p.with_name(f".{p.name}.partial-{uuid.uuid4().hex[:8]}{suffix}")
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
@@ -371,6 +375,21 @@ def _write_image_file(volume: CTVolume, p: Path, suffix: str, description: str |
         if tmp.exists():
             tmp.unlink()
     return p
+
+
+def write_label_map(labels: np.ndarray, like: CTVolume, path: str | os.PathLike) -> Path:
+    """A label map (uint8) on the grid of a volume, e.g. ROIs or the phantom's tissues."""
+    p = Path(path)
+    suffix = image_suffix(p)
+    if not suffix or not IMAGE_SUFFIXES[suffix]:
+        raise CTInputError(f"{p}: label maps are written as .nrrd, .nii, .nii.gz or .mha")
+    if np.shape(labels) != like.shape:
+        raise ValueError(f"label map shape {np.shape(labels)} differs from the volume's {like.shape}")
+    image = sitk.GetImageFromArray(np.asarray(labels, dtype=np.uint8))
+    image.SetSpacing(like.spacing)
+    image.SetOrigin(like.origin)
+    image.SetDirection(like.direction)
+    return _atomic_sitk_write(image, p, suffix)
 
 
 # Patient, study, frame-of-reference and equipment tags a derived series keeps from its source.
@@ -454,14 +473,15 @@ def write_dicom_series(
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.preamble = b"\0" * 128
             ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
-        _move_into_place(tmp, folder, overwrite)
+        move_into_place(tmp, folder, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
 
 
-def _move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+def move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Swap a completed temporary folder in for the target, so readers never see a half-written one."""
     if target.exists():
         if any(target.iterdir()) and not overwrite:
             raise CTInputError(f"{target}: already exists; refusing to overwrite")

@@ -164,20 +164,25 @@ def _paint_spine_and_ribs(rng, hu, labels, x, y, z, widen, fine):
     hu[canal] = 15.0
     labels[canal] = 1
 
-    # Ribs: oblique bands in the chest wall, absent next to the sternum (costal cartilage there).
-    theta = np.arctan2(y - 5.0, x)
-    radial = np.sqrt(((x / (160.0 * widen)) ** 2 + ((y - 5.0) / (112.0 * widen)) ** 2))
-    in_wall = full(np.abs(radial - 0.83) < 0.035)
-    anterior = full(np.abs(theta + np.pi / 2) < 0.45)
-    for k, z0 in enumerate(np.arange(-20.0, 330.0, 27.0)):
-        zc = z0 + 22.0 * (1.0 + np.sin(theta))  # ribs run down toward the front
-        rib = in_wall & (np.abs(z - zc) < 5.5)
-        cortex = rib & ((np.abs(radial - 0.83) > 0.02) | (np.abs(z - zc) > 4.0))
-        cartilage = rib & anterior
-        hu[rib] = 280.0 + 40.0 * fine[rib]
-        hu[cortex] = 850.0
-        hu[cartilage] = 140.0
-        labels[rib] = 7
+    # Ribs: oblique bands in the chest wall, absent next to the sternum (costal cartilage there). Worked out
+    # on the wall voxels only: the rest of the volume cannot hold a rib.
+    theta = full(np.arctan2(y - 5.0, x))
+    radial = full(np.sqrt(((x / (160.0 * widen)) ** 2 + ((y - 5.0) / (112.0 * widen)) ** 2)))
+    wall = np.nonzero(np.abs(radial - 0.83) < 0.035)
+    theta_w, radial_w, z_w = theta[wall], radial[wall], np.broadcast_to(z, hu.shape)[wall]
+    anterior = np.abs(theta_w + np.pi / 2) < 0.45
+    rib_hu = np.full(z_w.shape, np.nan, dtype=np.float32)
+    for z0 in np.arange(-20.0, 330.0, 27.0):
+        zc = z0 + 22.0 * (1.0 + np.sin(theta_w))  # ribs run down toward the front
+        rib = np.abs(z_w - zc) < 5.5
+        cortex = rib & ((np.abs(radial_w - 0.83) > 0.02) | (np.abs(z_w - zc) > 4.0))
+        rib_hu[rib] = 280.0 + 40.0 * fine[wall][rib]
+        rib_hu[cortex] = 850.0
+        rib_hu[rib & anterior] = 140.0
+    is_rib = ~np.isnan(rib_hu)
+    rib_index = tuple(axis[is_rib] for axis in wall)
+    hu[rib_index] = rib_hu[is_rib]
+    labels[rib_index] = 7
     sternum = full(((x / 16.0) ** 2 + ((y + 95.0) / 6.0) ** 2) < 1.0)
     hu[sternum] = 400.0
     labels[sternum] = 7
@@ -192,9 +197,14 @@ def _paint_nodules(rng, hu, labels, lungs, x, y, z, fine, scale, spacing, slice_
     for _ in range(int(rng.integers(2, 5))):
         kz, ky, kx = lung_voxels[rng.integers(len(lung_voxels))]
         centre = np.array([x[0, 0, kx], y[0, ky, 0], z[kz, 0, 0]])
-        radius = float(rng.uniform(3.0, 12.0))
+        radius = max(float(rng.uniform(3.0, 12.0)), 2.5 * spacing / scale)  # at least 2.5 pixels on small grids
         kind = str(rng.choice(["solid", "solid", "ground-glass", "part-solid"]))
-        dx, dy, dz = x - centre[0], y - centre[1], z - centre[2]
+        reach = 1.3 * radius  # lobulation stays within 18 %
+        box = tuple(
+            slice(int(np.searchsorted(axis, c - reach)), int(np.searchsorted(axis, c + reach)) + 1)
+            for axis, c in ((z[:, 0, 0], centre[2]), (y[0, :, 0], centre[1]), (x[0, 0, :], centre[0]))
+        )
+        dx, dy, dz = x[:, :, box[2]] - centre[0], y[:, box[1], :] - centre[1], z[box[0]] - centre[2]
         dist = np.sqrt(dx**2 + dy**2 + dz**2)
         angle = np.arctan2(dy, dx)
         elevation = np.arctan2(dz, np.sqrt(dx**2 + dy**2) + 1e-6)
@@ -202,11 +212,11 @@ def _paint_nodules(rng, hu, labels, lungs, x, y, z, fine, scale, spacing, slice_
         margin = radius * (1.0 + 0.18 * np.sin(3 * angle + phase[0]) * np.cos(2 * elevation + phase[1]))
         inside = dist < margin
         base = {"solid": 35.0, "ground-glass": -560.0, "part-solid": -520.0}[kind]
-        value = base + 15.0 * fine
+        value = base + 15.0 * fine[box]
         if kind == "part-solid":
-            value = np.where(dist < 0.45 * margin, 30.0 + 10.0 * fine, value)
-        hu[inside] = value[inside]
-        labels[inside] = 5
+            value = np.where(dist < 0.45 * margin, 30.0 + 10.0 * fine[box], value)
+        hu[box][inside] = value[inside]
+        labels[box][inside] = 5
         nodules.append({
             "kind": kind,
             "radius_mm": radius * scale,

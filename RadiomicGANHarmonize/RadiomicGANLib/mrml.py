@@ -1,0 +1,79 @@
+"""MRML volume nodes to and from the core's CTVolume.
+
+MRML geometry is RAS; the core (like ITK and DICOM) uses LPS. The conversion lives here only. Every
+function takes the scene as an argument and never changes an input node: results are new nodes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radiomicgan.volume import CTMetadata, CTVolume
+
+KERNEL_ATTRIBUTE = "RadiomicGAN.ConvolutionKernel"
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_from_node(node, kernel: str | None = None) -> CTVolume:
+    """The node's voxels as HU with LPS geometry. ``kernel`` overrides the node's recorded kernel tag."""
+    from slicer.util import arrayFromVolume
+
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
+        raise ValueError("select a scalar volume with image data")
+    ijk_to_lps = _ijk_to_ras(node)
+    ijk_to_lps[:3] = RAS_FROM_LPS @ ijk_to_lps[:3]
+    axes = ijk_to_lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    meta = CTMetadata(kernel=kernel or node.GetAttribute(KERNEL_ATTRIBUTE) or "", series_description=node.GetName())
+    return CTVolume(
+        hu=arrayFromVolume(node).astype(np.float32),  # copy: the node's buffer is never written through
+        spacing=tuple(spacing),
+        origin=tuple(ijk_to_lps[:3, 3]),
+        direction=tuple((axes / spacing).ravel()),
+        meta=meta,
+        source=node.GetName(),
+    )
+
+
+def add_volume_node(scene, volume: CTVolume, name: str):
+    """A new scalar volume node holding ``volume`` (HU as int16, as CT is stored) in its LPS geometry."""
+    from slicer.util import updateVolumeFromArray
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    lps = volume.direction_matrix * np.asarray(volume.spacing)[None, :]
+    ras = RAS_FROM_LPS @ lps
+    origin = RAS_FROM_LPS @ np.asarray(volume.origin)
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, ras[r, c])
+        matrix.SetElement(r, 3, origin[r])
+    node.SetIJKToRASMatrix(matrix)
+    updateVolumeFromArray(node, np.clip(np.rint(volume.hu), -32768, 32767).astype(np.int16))
+    if volume.meta.kernel:
+        node.SetAttribute(KERNEL_ATTRIBUTE, volume.meta.kernel)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(1600, -200)  # lung and mediastinum at once: [-1000, 600] HU
+    return node
+
+
+def simulate_kernel_node(scene, input_node, kernel: str, source_kernel: str | None = None, seed: int = 0):
+    """The loaded scan as if reconstructed with ``kernel``: a new node, the input untouched."""
+    from radiomicgan.simulate import rekernel_volume
+
+    volume = volume_from_node(input_node)
+    result = rekernel_volume(volume, kernel, source_kernel, seed=seed)
+    return add_volume_node(scene, result, f"{input_node.GetName()}_{kernel}")

@@ -1,0 +1,90 @@
+"""Test helpers: DICOM series written by the tests themselves (not by the project's writer), so
+reading is checked against files whose every tag the test chose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_KERNELS = REPO.parent / "shared" / "data" / "real-kernels"
+
+
+def make_ct_dataset(
+    stored: np.ndarray,
+    position,
+    *,
+    series_uid: str,
+    study_uid: str,
+    instance: int,
+    frame_uid: str = "1.2.826.0.1.3680043.8.498.1",
+    spacing=(0.75, 0.8),
+    orientation=(1, 0, 0, 0, 1, 0),
+    kernel="B30f",
+    modality="CT",
+    slope=1.0,
+    intercept=-1024.0,
+    unsigned=True,
+    with_rescale=True,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Patient", "P0001", "19600101", "F"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240102", "101010", "ACC1"
+    ds.FrameOfReferenceUID = frame_uid
+    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "SIEMENS", "SOMATOM Force"
+    ds.ConvolutionKernel, ds.SliceThickness, ds.KVP = kernel, "1.5", "120"
+    ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = f"Chest {kernel}", 3, instance
+    ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.6f}" for v in orientation]
+    ds.PixelSpacing = [str(spacing[0]), str(spacing[1])]
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0 if unsigned else 1
+    if with_rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = str(slope), str(intercept)
+    ds.PixelData = stored.astype(np.uint16 if unsigned else np.int16).tobytes()
+    ds.preamble = b"\0" * 128
+    return ds
+
+
+def write_ct_series(
+    folder: Path,
+    hu: np.ndarray,
+    *,
+    spacing_z: float = 1.5,
+    spacing_xy=(0.75, 0.8),
+    origin=(-100.0, -120.0, 50.0),
+    shuffle: bool = True,
+    positions=None,
+    **kwargs,
+) -> dict:
+    """Write HU (z, y, x) as a classic CT series stored unsigned with intercept -1024, files in shuffled order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid, study_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    slope, intercept = kwargs.get("slope", 1.0), kwargs.get("intercept", -1024.0)
+    stored = np.rint((hu - intercept) / slope)
+    order = np.random.default_rng(1).permutation(len(hu)) if shuffle else np.arange(len(hu))
+    for n, k in enumerate(order):
+        position = positions[k] if positions is not None else (origin[0], origin[1], origin[2] + k * spacing_z)
+        ds = make_ct_dataset(stored[k], position, series_uid=series_uid, study_uid=study_uid, frame_uid=frame_uid, instance=int(k) + 1,
+                             spacing=(spacing_xy[1], spacing_xy[0]), **kwargs)
+        ds.save_as(folder / f"file{n:03d}.dcm", enforce_file_format=True)
+    return {"series_uid": series_uid, "study_uid": study_uid, "frame_uid": frame_uid}
+
+
+def ramp_volume(slices=4, rows=24, cols=20) -> np.ndarray:
+    """A volume whose every voxel differs: any flip, transpose or slice swap changes it."""
+    z, y, x = np.mgrid[0:slices, 0:rows, 0:cols]
+    return (-1000 + 7 * x + 31 * y + 401 * z).astype(np.float32)

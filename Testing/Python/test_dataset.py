@@ -1,0 +1,193 @@
+"""Paired data: phantom pairs on disk with a manifest, checks on pairs, slice sampling; the simulate command
+and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import ramp_volume, write_ct_series
+
+from radiomicgan.cli import main
+from radiomicgan.dataset import SliceSampler, load_manifest, load_pair, manifest_entry, write_manifest
+from radiomicgan.errors import CTInputError, DatasetError
+from radiomicgan.io import read_volume, write_volume
+from radiomicgan.kernels import PRESETS, measure_transfer, ring_edges
+from radiomicgan.simulate import simulate_phantom_pairs
+from radiomicgan.volume import CTMetadata, CTVolume
+
+
+@pytest.fixture(scope="module")
+def phantom_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "pairs"
+    simulate_phantom_pairs(out, cases=2, size=64, slices=3, seed=4)
+    return out
+
+
+def test_simulated_pairs_and_manifest(phantom_set):
+    manifest = load_manifest(phantom_set)
+    assert len(manifest.pairs) == 2 and manifest.kernels == ("B30", "B50")
+    assert manifest.info["size"] == 64 and manifest.info["seed"] == 4
+    a_source, a_target = load_pair(manifest.pairs[0])
+    b_source, _ = load_pair(manifest.pairs[1])
+    assert a_source.shape == (3, 64, 64) and a_source.same_geometry(a_target)
+    assert a_source.meta.kernel == "B30-sim" and a_target.meta.kernel == "B50-sim"
+    assert not np.array_equal(a_source.hu, b_source.hu)  # cases differ
+    labels = read_volume(manifest.pairs[0].labels, check_hu=False)
+    assert labels.shape == a_source.shape and labels.hu.max() > 3
+    # the target is the sharper kernel of the same scan
+    f, ratio, coherence = measure_transfer(a_source.hu, a_target.hu, (0.7, 0.7), ring_edges(0.7, 8))
+    expected = PRESETS["B50"].transfer(f) / PRESETS["B30"].transfer(f)
+    assert np.all(coherence[:4] > 0.95)
+    np.testing.assert_allclose(ratio[:4], expected[:4], rtol=0.1)
+
+
+def test_simulation_is_reproducible(tmp_path, phantom_set):
+    again = simulate_phantom_pairs(tmp_path / "again", cases=2, size=64, slices=3, seed=4)
+    for a, b in zip(load_manifest(phantom_set).pairs, load_manifest(again).pairs):
+        np.testing.assert_array_equal(read_volume(a.target).hu, read_volume(b.target).hu)
+
+
+def test_simulate_refuses_non_empty_output(phantom_set):
+    before = sorted(p.name for p in phantom_set.iterdir())
+    with pytest.raises(CTInputError, match="not empty; refusing to overwrite"):
+        simulate_phantom_pairs(phantom_set, cases=1, size=32, slices=1)
+    assert sorted(p.name for p in phantom_set.iterdir()) == before
+
+
+def test_cancelled_simulation_leaves_nothing(tmp_path):
+    def cancel(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_phantom_pairs(tmp_path / "out", cases=3, size=32, slices=1, progress=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _shifted_pair_set(folder, shift=100.0, shape=(2, 40, 30)):
+    """Target = source + shift: any augmentation applied differently to the two images breaks it."""
+    folder.mkdir()
+    source = CTVolume(hu=ramp_volume(*shape), spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="B30f"))
+    write_volume(source, folder / "s.nrrd")
+    write_volume(source.with_hu(source.hu + shift), folder / "t.nrrd")
+    write_manifest(folder, [manifest_entry("p", "s.nrrd", "t.nrrd", "B30", "B50")])
+    return load_manifest(folder)
+
+
+def test_sampler_crops_and_augments_both_images_alike(tmp_path):
+    sampler = SliceSampler(_shifted_pair_set(tmp_path / "d"), crop=16, seed=0)
+    source, target = sampler.sample(32)
+    assert source.shape == target.shape == (32, 16, 16)
+    np.testing.assert_allclose(target - source, 100.0)
+    # augmentation really happens: ramps run along different axes and directions across samples
+    gradients = {(int(np.sign(np.diff(s, axis=0).mean())), int(np.sign(np.diff(s, axis=1).mean()))) for s in source}
+    assert len(gradients) >= 3
+
+
+def test_sampler_pads_small_slices_with_air(tmp_path):
+    sampler = SliceSampler(_shifted_pair_set(tmp_path / "d", shape=(1, 10, 12)), crop=16, augment=False)
+    source, target = sampler.sample(2)
+    assert source.shape == (2, 16, 16)
+    assert (source == -1024).sum() == 2 * (16 * 16 - 10 * 12)
+    slices = list(sampler.slices())
+    assert len(slices) == 1 and slices[0][2].shape == (10, 12)
+
+
+def test_pair_geometry_mismatch(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    volume = CTVolume(hu=ramp_volume(2, 16, 16), spacing=(0.7, 0.7, 1.0))
+    write_volume(volume, folder / "s.nrrd")
+    write_volume(CTVolume(hu=volume.hu, spacing=(0.8, 0.8, 1.0)), folder / "t.nrrd")
+    write_manifest(folder, [manifest_entry("p1", "s.nrrd", "t.nrrd", "B30", "B50")])
+    with pytest.raises(DatasetError, match="pair 'p1'.*differ in geometry"):
+        SliceSampler(load_manifest(folder))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"pairs": []}), "not a RadiomicGAN pairs manifest"),
+        (json.dumps({"format": "radiomicgan-pairs/1", "pairs": []}), "lists no pairs"),
+        (json.dumps({"format": "radiomicgan-pairs/1", "pairs": [{"source": "a.nrrd"}]}), "needs 'source' and 'target'"),
+        (json.dumps({"format": "radiomicgan-pairs/1", "pairs": [{"source": "a.nrrd", "target": "b.nrrd"}]}), "does not exist"),
+    ],
+)
+def test_bad_manifests(tmp_path, content, message):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        load_manifest(tmp_path)
+
+
+def test_manifest_mixing_kernel_directions(tmp_path):
+    _shifted_pair_set(tmp_path / "d")
+    write_manifest(tmp_path / "d", [manifest_entry("a", "s.nrrd", "t.nrrd", "B30", "B50"), manifest_entry("b", "s.nrrd", "t.nrrd", "B50", "B30")])
+    with pytest.raises(DatasetError, match="mix kernel directions"):
+        load_manifest(tmp_path / "d")
+    with pytest.raises(DatasetError, match="no manifest here"):
+        load_manifest(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def test_simulate_command_phantom_pairs(tmp_path, capsys):
+    assert main(["simulate", "--out", str(tmp_path / "p"), "--size", "48", "--slices", "2", "--cases", "2",
+                 "--kernel", "B70", "--source-kernel", "smooth", "--format", ".mha"]) == 0
+    manifest = load_manifest(tmp_path / "p")
+    assert manifest.kernels == ("B30", "B70") and manifest.pairs[0].source.name == "case000_B30.mha"
+    assert "wrote 2 pair(s)" in capsys.readouterr().out
+
+
+def test_simulate_command_rekernels_a_dicom_series(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    hu = np.clip(rng.normal(-400, 300, (3, 32, 32)), -1024, 2000)
+    uids = write_ct_series(tmp_path / "scan", hu, kernel="B30f")
+    assert main(["simulate", "--from", str(tmp_path / "scan"), "--kernel", "B50", "--out", str(tmp_path / "sharp")]) == 0
+    files = sorted((tmp_path / "sharp").iterdir())
+    assert len(files) == 3
+    ds = pydicom.dcmread(files[0])
+    assert ds.ConvolutionKernel == "B50-sim" and ds.StudyInstanceUID == uids["study_uid"]
+    assert "simulated from B30f to B50" in ds.DerivationDescription
+    out = read_volume(tmp_path / "sharp")
+    assert out.shape == (3, 32, 32) and not np.array_equal(out.hu, read_volume(tmp_path / "scan").hu)
+    # the input series is untouched, and an output onto the input is refused with exit status 2
+    np.testing.assert_array_equal(read_volume(tmp_path / "scan").hu, np.rint(hu))
+    capsys.readouterr()
+    assert main(["simulate", "--from", str(tmp_path / "scan"), "--kernel", "B50", "--out", str(tmp_path / "scan")]) == 2
+    assert "output path is the input" in capsys.readouterr().err
+
+
+def test_simulate_command_unknown_source_kernel(tmp_path, capsys):
+    write_ct_series(tmp_path / "scan", ramp_volume(2, 16, 16), kernel="STANDARD")
+    assert main(["simulate", "--from", str(tmp_path / "scan"), "--kernel", "B50", "--out", str(tmp_path / "o.nrrd")]) == 2
+    assert "matches no preset; name the source kernel (--source-kernel)" in capsys.readouterr().err
+    assert main(["simulate", "--from", str(tmp_path / "scan"), "--kernel", "B50", "--source-kernel", "B30",
+                 "--out", str(tmp_path / "o.nrrd")]) == 0
+    assert read_volume(tmp_path / "o.nrrd").meta.kernel == "B50-sim"
+
+
+def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--out", str(tmp_path / "p"), "--size", "4"])
+    assert info.value.code == 2 and "must be at least 16" in capsys.readouterr().err
+
+
+def test_demo_runs_and_refuses_foreign_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--size", "64", "--slices", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 20 < summary["source_vs_target"]["psnr_db"] < 60 and 0 < summary["source_vs_target"]["ssim"] < 1
+    noise = summary["noise_std_hu"]
+    assert noise["B50-sim"] > 1.5 * noise["B30-sim"]
+    assert (out / "kernels.png").stat().st_size > 20_000
+    assert "B30-sim vs B50-sim" in capsys.readouterr().out
+    assert main(["demo", "--out", str(out), "--size", "64", "--slices", "2"]) == 0  # reruns over its own output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("precious")
+    assert main(["demo", "--out", str(foreign)]) == 2
+    assert (foreign / "thesis.docx").read_text() == "precious"

@@ -1,0 +1,143 @@
+"""The Slicer side: MRML conversion against the real MRML classes (slicer-core), dependency prompts, and
+an extension layout Slicer's build accepts. Qt widgets cannot run here; they are kept thin."""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO, ramp_volume
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
+
+from RadiomicGANLib import dependencies  # noqa: E402
+from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, simulate_kernel_node, volume_from_node  # noqa: E402
+
+from radiomicgan.simulate import phantom_pair  # noqa: E402
+from radiomicgan.volume import CTMetadata, CTVolume  # noqa: E402
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def _oblique_volume() -> CTVolume:
+    c, s = np.cos(0.4), np.sin(0.4)
+    direction = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return CTVolume(hu=ramp_volume(3, 10, 8), spacing=(0.7, 0.8, 2.0), origin=(-50.0, 20.0, 100.0),
+                    direction=tuple(direction.ravel()), meta=CTMetadata(kernel="B30f"))
+
+
+def test_volume_node_round_trip_keeps_lps_geometry(scene):
+    volume = _oblique_volume()
+    node = add_volume_node(scene, volume, "ct")
+    # MRML holds RAS: the first two axes flip sign
+    origin_ras = node.GetOrigin()
+    assert origin_ras == pytest.approx((50.0, -20.0, 100.0))
+    back = volume_from_node(node)
+    np.testing.assert_array_equal(back.hu, volume.hu)
+    assert back.spacing == pytest.approx(volume.spacing)
+    assert back.origin == pytest.approx(volume.origin)
+    assert back.direction == pytest.approx(volume.direction)
+    assert back.meta.kernel == "B30f" and node.GetAttribute(KERNEL_ATTRIBUTE) == "B30f"
+
+
+def test_node_from_a_voxel_position_matches_the_core(scene):
+    """A voxel's physical place agrees between the core (LPS) and MRML (RAS) conventions."""
+    import vtk
+
+    volume = _oblique_volume()
+    node = add_volume_node(scene, volume, "ct")
+    ijk = np.array([3.0, 4.0, 2.0])  # (i, j, k) = (x, y, z) index
+    lps = np.asarray(volume.origin) + volume.direction_matrix @ (ijk * np.asarray(volume.spacing))
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
+    assert ras == pytest.approx([-lps[0], -lps[1], lps[2]])
+
+
+def test_simulate_kernel_node_makes_a_new_node_and_keeps_the_input(scene):
+    source, _, _ = phantom_pair(size=64, slices=2, seed=1)
+    node = add_volume_node(scene, source, "phantom")
+    before = slicer.util.arrayFromVolume(node).copy()
+    out = simulate_kernel_node(scene, node, "B70")
+    assert out is not node and out.GetName() == "phantom_B70"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    result = slicer.util.arrayFromVolume(out)
+    assert result.shape == before.shape and result.dtype == np.int16
+    assert np.std(result - before.astype(float)) > 20  # a much sharper, noisier kernel
+    assert out.GetAttribute(KERNEL_ATTRIBUTE) == "B70-sim"
+    assert volume_from_node(out).same_geometry(volume_from_node(node))
+
+
+def test_volume_from_node_rejects_empty_node(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(ValueError, match="scalar volume with image data"):
+        volume_from_node(node)
+
+
+def test_dependency_prompt(monkeypatch):
+    assert dependencies.missing_requirements() == []  # the test environment has everything
+    monkeypatch.setitem(dependencies.REQUIREMENTS, "radiomicgan_no_such_pkg", "radiomicgan-no-such-pkg>=1")
+    asked, installed = [], []
+    assert not dependencies.ensure_dependencies(lambda text: asked.append(text) or False, installed.append)
+    assert "radiomicgan-no-such-pkg>=1" in asked[0] and installed == []
+    assert not dependencies.ensure_dependencies(lambda text: True, installed.append)  # install ran, still missing
+    assert installed == ["radiomicgan-no-such-pkg>=1"]
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def _cmake_listed(cmake: Path) -> set[str]:
+    text = cmake.read_text()
+    return {m for m in re.findall(r"^\s+([\w${}/.-]+\.(?:py|ui|png))\s*$", text, re.M)}
+
+
+def test_extension_layout():
+    for path in ("RadiomicGANHarmonize", "RadiomicGANTrain", "Resources", "Testing", "CMakeLists.txt",
+                 "RadiomicGAN.s4ext", "README.md", "pyproject.toml", ".ci/run", "radiomicgan"):
+        assert (REPO / path).exists(), path
+    s4ext = dict(line.split(" ", 1) for line in (REPO / "RadiomicGAN.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and " " in line)
+    assert s4ext["category"] == "Filtering" and s4ext["depends"] == "PyTorch"
+
+
+def test_cmake_lists_every_core_and_module_file():
+    core = {f"radiomicgan/{p.name}" for p in (REPO / "radiomicgan").glob("*.py")}
+    assert core <= _cmake_listed(REPO / "CMakeLists.txt")
+    for module in ("RadiomicGANHarmonize", "RadiomicGANTrain"):
+        folder = REPO / module
+        listed = {p.replace("${MODULE_NAME}", module) for p in _cmake_listed(folder / "CMakeLists.txt")}
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in (".py", ".ui", ".png")
+                   and "__pycache__" not in p.parts}
+        assert listed == present, module
+    for listed in _cmake_listed(REPO / "CMakeLists.txt"):
+        assert (REPO / listed).is_file(), listed
+
+
+def test_core_imports_nothing_from_slicer():
+    forbidden = {"slicer", "qt", "ctk", "vtk", "mrml", "RadiomicGANLib"}
+    for path in (REPO / "radiomicgan").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
+    for path in (REPO / "RadiomicGANHarmonize" / "RadiomicGANLib").glob("*.py"):  # MRML yes, qt no
+        assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", path.read_text(), re.M), path.name
+
+
+@pytest.mark.parametrize("module", ["RadiomicGANHarmonize", "RadiomicGANTrain"])
+def test_module_ui_has_every_widget_the_module_uses(module):
+    source = (REPO / module / f"{module}.py").read_text()
+    compile(source, module, "exec")
+    ui = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
+    names = {w.get("name") for w in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= names, used - names

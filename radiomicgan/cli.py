@@ -1,0 +1,201 @@
+"""The ``radiomicgan`` command line.
+
+Problems with the user's input end with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import RadiomicGANError
+
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+def _kernel_pairs(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise RadiomicGANError(f"'{value}': expected KERNEL=FILE, e.g. B30=scan_b30.nrrd")
+        pairs[name] = path
+    return pairs
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return value
+
+
+def cmd_simulate(args) -> int:
+    from .io import check_output_path, read_volume, write_volume
+    from .simulate import rekernel_volume, simulate_phantom_pairs
+
+    if args.from_volume:
+        if not args.kernel:
+            raise RadiomicGANError("--from needs --kernel NAME (the kernel to simulate)")
+        check_output_path(args.out, [args.from_volume])
+        volume = read_volume(args.from_volume, series_uid=args.series)
+        result = rekernel_volume(volume, args.kernel, args.source_kernel, seed=args.seed, noise_scale=args.noise_scale)
+        write_volume(result, args.out, overwrite=args.overwrite, description=result.meta.series_description,
+                     derivation=f"RadiomicGAN {__version__}: kernel simulated from {volume.meta.kernel or 'source'} to {args.kernel}")
+        print(f"wrote {args.out}: {result.shape[0]} slices, kernel {result.meta.kernel}")
+        return 0
+    from tqdm import tqdm
+
+    with tqdm(total=args.cases, desc="phantom pairs", unit="case", disable=not sys.stderr.isatty()) as bar:
+        manifest = simulate_phantom_pairs(
+            args.out, args.cases, size=args.size, slices=args.slices, seed=args.seed,
+            source_kernel=args.source_kernel or "B30", target_kernel=args.kernel or "B50",
+            spacing=args.spacing, slice_thickness=args.slice_thickness, noise_scale=args.noise_scale,
+            suffix=args.format, overwrite=args.overwrite, progress=lambda done, total: bar.update(1),
+        )
+    print(f"wrote {args.cases} pair(s) and {manifest}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import numpy as np
+
+    from .io import read_volume
+    from .kernels import preset_for_tag
+
+    volume = read_volume(args.volume, series_uid=args.series, check_hu=False)
+    preset = preset_for_tag(volume.meta.kernel)
+    info = {
+        "source": volume.source,
+        "shape_zyx": list(volume.shape),
+        "spacing_xyz_mm": list(volume.spacing),
+        "origin_xyz_mm": list(volume.origin),
+        "direction": list(volume.direction),
+        "hu_min": float(np.min(volume.hu)),
+        "hu_max": float(np.max(volume.hu)),
+        "kernel_preset": preset.name if preset else None,
+        **volume.meta.as_dict(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import numpy as np
+
+    from .calibration import calibrate, fit_presets, format_report, plot_calibration
+    from .io import read_volume
+
+    images, spacing = {}, args.spacing
+    for name, path in _kernel_pairs(args.images).items():
+        volume = read_volume(path)
+        images[name] = volume.hu[volume.shape[0] // 2].astype(np.float64)
+        spacing = spacing or volume.spacing[0]
+    if len(images) < 2:
+        raise RadiomicGANError("calibrate needs at least two kernels of one scan (KERNEL=FILE KERNEL=FILE ...)")
+    shapes = {im.shape for im in images.values()}
+    if len(shapes) > 1:
+        raise RadiomicGANError(f"images differ in size {sorted(shapes)}; they must be registered slices of one scan")
+    pairs, noises = calibrate(images, spacing)
+    print(f"pixel spacing {spacing:.4f} mm")
+    print(format_report(pairs, noises))
+    if args.fit:
+        print("Refitted presets (transfer (1 + c f^2) exp(-a f^2 - b f^4), NPS = noise f T^2):")
+        for name, values in fit_presets(pairs, noises).items():
+            print(f"  {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in values.items()))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_calibration(pairs, noises, out / "calibration.png")
+        print(f"wrote {out / 'calibration.png'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), size=args.size, slices=args.slices, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radiomicgan", description="CT kernel harmonization for reproducible radiomics.")
+    parser.add_argument("--version", action="version", version=f"radiomicgan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="make paired kernel data: phantom pairs, or re-kernel a scan (--from)")
+    sim.add_argument("--out", required=True, help="folder for phantom pairs; output volume with --from")
+    sim.add_argument("--from", dest="from_volume", help="re-kernel this volume (DICOM folder or file, NRRD, NIfTI, MetaImage)")
+    sim.add_argument("--kernel", help="kernel to simulate (with --from), or the target kernel of phantom pairs (default B50)")
+    sim.add_argument("--source-kernel", help="kernel of the --from volume when its tag does not say; source kernel of phantom pairs (default B30)")
+    sim.add_argument("--size", type=_at_least(16), default=256, help="phantom rows and columns (default 256)")
+    sim.add_argument("--slices", type=_at_least(1), default=16, help="phantom slices (default 16)")
+    sim.add_argument("--cases", type=_at_least(1), default=1, help="number of phantom pairs (default 1)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--spacing", type=_positive_float, default=0.7, help="phantom pixel spacing in mm (default 0.7)")
+    sim.add_argument("--slice-thickness", type=_positive_float, default=1.0, help="phantom slice thickness in mm (default 1.0)")
+    sim.add_argument("--noise-scale", type=_non_negative_float, default=1.0, help="noise power relative to the calibrated dose (0: noise-free)")
+    sim.add_argument("--format", default=".nrrd", choices=[".nrrd", ".nii.gz", ".nii", ".mha"], help="phantom file format")
+    sim.add_argument("--series", help="SeriesInstanceUID when the --from folder holds several series")
+    sim.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    sim.set_defaults(func=cmd_simulate)
+
+    info = sub.add_parser("info", help="print a volume's geometry, HU range and kernel tags")
+    info.add_argument("volume")
+    info.add_argument("--series", help="SeriesInstanceUID when the folder holds several series")
+    info.set_defaults(func=cmd_info)
+
+    cal = sub.add_parser("calibrate", help="compare kernel presets with real images of one scan in several kernels")
+    cal.add_argument("images", nargs="+", metavar="KERNEL=FILE", help="registered images, smoothest first")
+    cal.add_argument("--spacing", type=float, help="pixel spacing in mm when the headers lost it")
+    cal.add_argument("--out", help="folder for calibration.png")
+    cal.add_argument("--fit", action="store_true", help="also print presets refitted to these images")
+    cal.set_defaults(func=cmd_calibrate)
+
+    demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--size", type=_at_least(16), default=256)
+    demo.add_argument("--slices", type=_at_least(1), default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest: f"radiomicgan: warning: {message}\n"
+    try:
+        return args.func(args)
+    except RadiomicGANError as exc:
+        print(f"radiomicgan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("radiomicgan: cancelled; no output written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Paired "same scan, two kernels" data anyone can make: phantom pairs for training and testing, and
+re-kernelled copies of a user's own scans."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .dataset import manifest_entry, write_manifest
+from .errors import CTInputError
+from .io import move_into_place, write_label_map, write_volume
+from .kernels import KernelPreset, get_preset, preset_for_tag, rekernel, simulate_kernels
+from .phantom import make_chest_phantom
+from .volume import CTMetadata, CTVolume
+
+SIMULATED_MANUFACTURER = "RadiomicGAN simulation"
+
+
+def simulated_kernel_tag(preset: KernelPreset) -> str:
+    """What a simulated image's ConvolutionKernel says: the preset, and that it was simulated."""
+    return f"{preset.name}-sim"
+
+
+def phantom_pair(
+    size: int = 256,
+    slices: int = 16,
+    seed: int = 0,
+    source_kernel: str = "B30",
+    target_kernel: str = "B50",
+    spacing: float = 0.7,
+    slice_thickness: float = 1.0,
+    noise_scale: float = 1.0,
+) -> tuple[CTVolume, CTVolume, np.ndarray]:
+    """One phantom reconstructed with two kernels from one noise realisation: (source, target, labels)."""
+    source_preset, target_preset = get_preset(source_kernel), get_preset(target_kernel)
+    phantom_seed, noise_seed = np.random.SeedSequence(seed).generate_state(2)
+    phantom = make_chest_phantom(size, slices, seed=int(phantom_seed), spacing=spacing, slice_thickness=slice_thickness)
+    source_hu, target_hu = simulate_kernels(
+        phantom.hu, (spacing, spacing), [source_preset, target_preset], seed=int(noise_seed), noise_scale=noise_scale
+    )
+    half = (size - 1) / 2.0
+    origin = (-half * spacing, -half * spacing, -(slices - 1) / 2.0 * slice_thickness)
+
+    def volume(hu, preset):
+        meta = CTMetadata(
+            kernel=simulated_kernel_tag(preset), manufacturer=SIMULATED_MANUFACTURER, model=f"chest phantom {__version__}",
+            slice_thickness=slice_thickness, series_description=f"Chest phantom, {preset.description} (simulated)",
+        )
+        return CTVolume(hu=hu, spacing=(spacing, spacing, slice_thickness), origin=origin, meta=meta, source=f"phantom seed {seed}")
+
+    return volume(source_hu, source_preset), volume(target_hu, target_preset), phantom.labels
+
+
+def simulate_phantom_pairs(
+    out_dir: str | Path,
+    cases: int = 1,
+    *,
+    size: int = 256,
+    slices: int = 16,
+    seed: int = 0,
+    source_kernel: str = "B30",
+    target_kernel: str = "B50",
+    spacing: float = 0.7,
+    slice_thickness: float = 1.0,
+    noise_scale: float = 1.0,
+    suffix: str = ".nrrd",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write ``cases`` phantom pairs, their tissue label maps and a manifest; returns the manifest's path.
+
+    The folder appears complete or not at all.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
+    source_preset, target_preset = get_preset(source_kernel), get_preset(target_kernel)
+    if source_preset == target_preset:
+        raise CTInputError(f"source and target kernel are both {source_preset.name}; a pair needs two kernels")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    case_seeds = np.random.SeedSequence(seed).generate_state(cases)
+    try:
+        entries = []
+        for k in range(cases):
+            source, target, labels = phantom_pair(
+                size, slices, int(case_seeds[k]), source_preset.name, target_preset.name, spacing, slice_thickness, noise_scale
+            )
+            case = f"case{k:03d}"
+            names = [f"{case}_{source_preset.name}{suffix}", f"{case}_{target_preset.name}{suffix}", f"{case}_labels.nrrd"]
+            write_volume(source, tmp / names[0])
+            write_volume(target, tmp / names[1])
+            write_label_map(labels, source, tmp / names[2])
+            entries.append(manifest_entry(case, names[0], names[1], source_preset.name, target_preset.name, names[2]))
+            if progress:
+                progress(k + 1, cases)
+        info = {
+            "generator": f"radiomicgan {__version__} chest phantom",
+            "size": size, "slices": slices, "seed": seed, "spacing_mm": spacing, "slice_thickness_mm": slice_thickness,
+            "noise_scale": noise_scale, "source_kernel": source_preset.description, "target_kernel": target_preset.description,
+        }
+        write_manifest(tmp, entries, info)
+        move_into_place(tmp, out, overwrite=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out / "manifest.json"
+
+
+def rekernel_volume(
+    volume: CTVolume, target_kernel: str, source_kernel: str | None = None, seed: int = 0, noise_scale: float = 1.0
+) -> CTVolume:
+    """A user's scan as if reconstructed with another kernel; the source kernel comes from the DICOM tag
+    unless given."""
+    target = get_preset(target_kernel)
+    if source_kernel:
+        source = get_preset(source_kernel)
+    else:
+        source = preset_for_tag(volume.meta.kernel)
+        if source is None:
+            raise CTInputError(
+                f"{volume.source}: kernel tag '{volume.meta.kernel or 'missing'}' matches no preset; "
+                "name the source kernel (--source-kernel)"
+            )
+        if volume.meta.kernel.upper().rstrip("FS").replace("-SIM", "") != source.name:
+            warnings.warn(f"{volume.source}: kernel '{volume.meta.kernel}' taken as the {source.name} preset ({source.description})")
+    hu = rekernel(volume.hu, volume.spacing[:2], source, target, seed=seed, noise_scale=noise_scale)
+    return volume.with_hu(
+        hu,
+        kernel=simulated_kernel_tag(target),
+        series_description=f"{volume.meta.series_description or 'CT'} as {target.name} (simulated)"[:64],
+    )
