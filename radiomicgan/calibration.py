@@ -128,9 +128,10 @@ def plot_calibration(pairs: list[PairCalibration], noises: list[NoiseCalibration
     ax1.set_title("Kernel transfer ratios (dots measured, x low coherence, lines presets)")
     ax1.legend(fontsize=7)
     for k, nc in enumerate(noises):
-        ax2.plot(nc.frequencies, nc.measured, "o", ms=3, color=f"C{k}", label=f"{nc.kernel} measured")
+        shown = nc.frequencies > 0.04  # the first ring is removed by detrending
+        ax2.plot(nc.frequencies[shown], nc.measured[shown], "o", ms=3, color=f"C{k}", label=f"{nc.kernel} measured")
         if nc.preset is not None:
-            ax2.plot(nc.frequencies, nc.preset, "-", color=f"C{k}", lw=1)
+            ax2.plot(nc.frequencies[shown], nc.preset[shown], "-", color=f"C{k}", lw=1)
     ax2.axvspan(*NOISE_BAND, color="0.9", zorder=0)
     ax2.set_yscale("log")
     ax2.set_xlabel("spatial frequency (cycles/mm)")
