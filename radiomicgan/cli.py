@@ -133,6 +133,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        method=args.method, schedule=args.schedule or ("dwt" if args.method == "radiomicgan" else "none"),
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, crop=args.crop, lr=args.lr,
+        beta1=args.beta1, lambda_l1=args.lambda_l1, th_acc=args.th_acc, th_eta=args.th_eta, th_fail=args.th_fail,
+        cam_subset=args.cam_subset, window_step=args.window_step, hu_range=tuple(args.hu_range),
+        vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
+        val_slices=args.val_slices,
+    )
+    card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        v = card.get("validation", {})
+        status = card.get("training", {}).get("status", "completed")
+        print(f"{status}: {args.out} ({card['method']}); validation PSNR input {v.get('input_psnr_db', float('nan')):.2f} dB "
+              f"-> model {v.get('psnr_db', float('nan')):.2f} dB")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -173,6 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", help="folder for calibration.png")
     cal.add_argument("--fit", action="store_true", help="also print presets refitted to these images")
     cal.set_defaults(func=cmd_calibrate)
+
+    tr = sub.add_parser("train", help="train RadiomicGAN (DWT) or a baseline on paired data")
+    tr.add_argument("--pairs", required=True, help="a pairs manifest.json or the folder holding it")
+    tr.add_argument("--out", required=True, help="model folder (new or empty; with --resume, the run to continue)")
+    tr.add_argument("--method", default="radiomicgan", choices=["radiomicgan", "choe", "pix2pix", "filter", "histmatch"])
+    tr.add_argument("--schedule", choices=["dwt", "fixed", "dynamic", "none"],
+                    help="windows: dwt (RadiomicGAN), fixed (RadiomicGAN-1), dynamic (RadiomicGAN-2), none; default dwt for radiomicgan, none otherwise")
+    tr.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs (paper: 30)")
+    tr.add_argument("--steps-per-epoch", type=_at_least(1), default=100)
+    tr.add_argument("--batch", type=_at_least(1), default=4)
+    tr.add_argument("--crop", type=_at_least(8), default=128, help="training crop size in pixels")
+    tr.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
+    tr.add_argument("--beta1", type=float, default=0.5, help="Adam beta1, the paper's momentum (0.5)")
+    tr.add_argument("--lambda-l1", type=_non_negative_float, default=100.0, help="weight of L1 against the adversarial loss")
+    tr.add_argument("--th-acc", type=float, default=0.5, help="fixed growing: widen when generator accuracy exceeds this")
+    tr.add_argument("--th-eta", type=_at_least(1), default=2, help="fixed growing: widen after this many epochs in a window")
+    tr.add_argument("--th-fail", type=float, default=0.5, help="dynamic selection: CAM value that marks a hot spot")
+    tr.add_argument("--cam-subset", type=_at_least(1), default=8, help="dynamic selection: slices in the random subset P")
+    tr.add_argument("--window-step", type=_positive_float, default=256.0, help="fixed growing step in HU")
+    tr.add_argument("--hu-range", type=float, nargs=2, default=[-1024.0, 1000.0], metavar=("LO", "HI"),
+                    help="standardization range harmonized at inference")
+    tr.add_argument("--vgg-weights", default="imagenet",
+                    help="encoder weights: imagenet (torchvision download/cache), a weights file, or random")
+    tr.add_argument("--finetune-vgg", action="store_true", help="train the VGG layers too (frozen by default)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
+    tr.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")

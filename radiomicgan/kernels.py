@@ -190,11 +190,11 @@ def _ring_sum(values: np.ndarray, index: np.ndarray, rings: int) -> np.ndarray:
     return np.bincount(index[valid], values[valid], minlength=rings)[:rings]
 
 
-def measure_transfer(
+def transfer_sums(
     source: np.ndarray, target: np.ndarray, spacing_xy: tuple[float, float], edges: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares transfer ratio target/source per frequency ring, and the coherence that says how far to
-    trust it (1 where target is a pure filtering of source). Returns (ring centres, ratio, coherence)."""
+    """Per frequency ring: sum of Re(T S*), sum of |S|^2, sum of |T|^2 over the whole plane and all slices.
+    Sums from several image pairs add up to the pooled least-squares transfer."""
     source, target = _as_stack(source), _as_stack(target)
     f = radial_frequency(source.shape[1:], (spacing_xy[1], spacing_xy[0]))
     index = np.broadcast_to(np.digitize(f, edges) - 1, source.shape[:1] + f.shape).ravel()
@@ -209,6 +209,15 @@ def measure_transfer(
     cross = _ring_sum(((T * np.conj(S)).real).ravel() * weight, index, rings)
     power_s = _ring_sum((np.abs(S) ** 2).ravel() * weight, index, rings)
     power_t = _ring_sum((np.abs(T) ** 2).ravel() * weight, index, rings)
+    return cross, power_s, power_t
+
+
+def measure_transfer(
+    source: np.ndarray, target: np.ndarray, spacing_xy: tuple[float, float], edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares transfer ratio target/source per frequency ring, and the coherence that says how far to
+    trust it (1 where target is a pure filtering of source). Returns (ring centres, ratio, coherence)."""
+    cross, power_s, power_t = transfer_sums(source, target, spacing_xy, edges)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = cross / power_s
         coherence = cross / np.sqrt(power_s * power_t)

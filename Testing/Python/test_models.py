@@ -1,0 +1,239 @@
+"""Networks, Grad-CAM, pretrained-encoder loading, model folders and the closed-form baselines."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from radiomicgan.baselines import FilterHarmonizer, HistMatchHarmonizer
+from radiomicgan.gradcam import gradcam_nonstandard
+from radiomicgan.kernels import PRESETS, simulate_kernels
+from radiomicgan.metrics import psnr
+from radiomicgan.modelio import ModelError, load_model, run_generator
+from radiomicgan.models import (
+    ChoeCNN,
+    PatchDiscriminator,
+    RadiomicGANGenerator,
+    UNetGenerator,
+    VGGWeightsError,
+    pad_to_multiple,
+    vgg19_features,
+)
+from radiomicgan.phantom import make_chest_phantom
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    g = RadiomicGANGenerator("random")
+    for p in g.head.parameters():  # a generator that is not the identity
+        nn.init.normal_(p, 0.0, 0.05)
+    return g.eval()
+
+
+def test_generator_encoder_is_vgg19_frozen_with_trainable_filters(generator):
+    convs = [m for group in generator.groups for m in group if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512]
+    assert all(not p.requires_grad for p in generator.groups.parameters())
+    assert all(p.requires_grad for p in generator.filters.parameters())
+    assert [f[0].out_channels for f in generator.filters] == [32, 64, 128, 256]
+    assert "random" in generator.vgg_source
+    finetuned = RadiomicGANGenerator("random", finetune_vgg=True)
+    assert all(p.requires_grad for p in finetuned.groups.parameters())
+
+
+def test_untrained_generators_are_the_identity():
+    x = torch.rand(2, 1, 32, 40) * 2 - 1
+    for g in (RadiomicGANGenerator("random"), UNetGenerator(), ChoeCNN()):
+        with torch.no_grad():
+            assert torch.equal(g.eval()(x), x)
+
+
+def test_batched_output_equals_one_slice_output(generator):
+    x = torch.rand(3, 1, 48, 48) * 2 - 1
+    with torch.no_grad():
+        batched = generator(x)
+        single = torch.cat([generator(x[k : k + 1]) for k in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 50), (2, 61, 19), (1, 5, 7)])
+def test_any_slice_size(generator, shape):
+    unit = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    out = run_generator(generator, unit, batch=2)
+    assert out.shape == shape and np.isfinite(out).all()
+    padded, size = pad_to_multiple(torch.zeros(1, 1, *shape[1:]), 8)
+    assert padded.shape[-2] % 8 == 0 and padded.shape[-1] % 8 == 0 and size == shape[1:]
+
+
+def test_bf16_autocast_agrees_with_fp32(generator):
+    """The precision the GPU path uses, checked on the CPU: within 0.02 window units (about 20 HU) at worst,
+    0.003 (about 3 HU) on average."""
+    unit = np.random.default_rng(1).uniform(-1, 1, (2, 64, 64)).astype(np.float32)
+    fp32 = run_generator(generator, unit)
+    bf16 = run_generator(generator, unit, autocast_dtype=torch.bfloat16)
+    assert np.abs(bf16 - fp32).max() < 0.02 and np.abs(bf16 - fp32).mean() < 0.003
+
+
+def test_discriminator_is_patchgan():
+    d = PatchDiscriminator()
+    logits = d(torch.zeros(2, 1, 256, 256), torch.zeros(2, 1, 256, 256))
+    assert logits.shape == (2, 1, 30, 30)  # 70x70 patches on a 256 image, as pix2pix
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+
+
+class _KnownDiscriminator(nn.Module):
+    """logit = -relu(candidate): a patch is "non-standard" exactly where the candidate is bright."""
+
+    def __init__(self):
+        super().__init__()
+        pick = nn.Conv2d(2, 1, 1)
+        pick.weight.data[:] = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)
+        pick.bias.data.zero_()
+        self.features = nn.Sequential(pick, nn.ReLU())
+        self.classifier = nn.Conv2d(1, 1, 1)
+        self.classifier.weight.data.fill_(-1.0)
+        self.classifier.bias.data.zero_()
+
+
+def test_gradcam_finds_the_known_hot_spot():
+    candidate = -torch.ones(1, 1, 16, 16)
+    candidate[..., 4:8, 9:13] = 1.0
+    cam = gradcam_nonstandard(_KnownDiscriminator(), torch.zeros_like(candidate), candidate)
+    expected = (candidate > 0).float()
+    torch.testing.assert_close(cam, expected)
+    # an ROI-masked target reweights channels; with one channel the map is the same
+    mask = torch.zeros_like(candidate)
+    mask[..., 2:10, 6:14] = 1
+    torch.testing.assert_close(gradcam_nonstandard(_KnownDiscriminator(), torch.zeros_like(candidate), candidate, mask=mask), expected)
+
+
+def test_gradcam_leaves_the_discriminator_frozen_and_untouched():
+    torch.manual_seed(0)
+    d = PatchDiscriminator().train()
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    cam = gradcam_nonstandard(d, x, x.flip(-1))
+    assert cam.shape == (2, 1, 64, 64) and cam.min() >= 0 and cam.max() <= 1
+    assert d.training and all(p.requires_grad and p.grad is None for p in d.parameters())
+    assert all(torch.equal(before[k], v) for k, v in d.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ VGG weights
+
+
+def _vgg_file(path, prefix="features."):
+    features, _ = vgg19_features("random")
+    torch.save({prefix + k: v for k, v in features.state_dict().items()}, path)
+    return features
+
+
+def test_vgg_weights_from_a_file(tmp_path):
+    reference = _vgg_file(tmp_path / "vgg.pth")
+    features, source = vgg19_features(str(tmp_path / "vgg.pth"))
+    assert source == f"file {tmp_path / 'vgg.pth'}"
+    assert all(torch.equal(a, b) for a, b in zip(features.state_dict().values(), reference.state_dict().values()))
+    _vgg_file(tmp_path / "bad.pth", prefix="encoder.")
+    with pytest.raises(VGGWeightsError, match="not VGG-19 weights"):
+        vgg19_features(str(tmp_path / "bad.pth"))
+
+
+def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
+    """The real torchvision loading code, offline: a file in the hub cache stands in for the download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    reference = _vgg_file(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth")
+    features, source = vgg19_features("imagenet")
+    assert source.startswith("ImageNet")
+    assert torch.equal(features[0].weight, reference[0].weight)
+
+
+def test_malicious_weights_file_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"features.0.weight": Exploit()}))
+    with pytest.raises(VGGWeightsError, match="not a readable weights file"):
+        vgg19_features(str(tmp_path / "evil.pth"))
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+@pytest.fixture(scope="module")
+def kernel_pairs():
+    pairs = []
+    for seed in range(3):
+        phantom = make_chest_phantom(96, 4, seed=seed)
+        s, t = simulate_kernels(phantom.hu, (0.7, 0.7), [PRESETS["B30"], PRESETS["B50"]], seed=seed)
+        pairs.append((s, t, (0.7, 0.7)))
+    return pairs
+
+
+def test_filter_baseline_learns_the_kernel_ratio_and_helps(kernel_pairs):
+    model = FilterHarmonizer.fit(kernel_pairs[:2], 0.5 / 0.7)
+    low = model.frequencies < 0.3
+    expected = PRESETS["B50"].transfer(model.frequencies[low]) / PRESETS["B30"].transfer(model.frequencies[low])
+    np.testing.assert_allclose(model.ratio[low], expected, rtol=0.1)
+    source, target, _ = kernel_pairs[2]
+    assert psnr(target, model.harmonize(source, (0.7, 0.7))) > psnr(target, source) + 1.0
+    again = FilterHarmonizer.from_state(model.state())
+    np.testing.assert_array_equal(again.ratio, model.ratio)
+
+
+def test_histmatch_baseline_maps_the_distribution(kernel_pairs):
+    model = HistMatchHarmonizer.fit(kernel_pairs[:2])
+    assert np.all(np.diff(model.source_quantiles) > 0) and np.all(np.diff(model.target_quantiles) >= 0)
+    source, target, _ = kernel_pairs[2]
+    out = model.harmonize(source)
+    q = np.linspace(0.05, 0.95, 19)
+    before = np.abs(np.quantile(source, q) - np.quantile(target, q)).mean()
+    after = np.abs(np.quantile(out, q) - np.quantile(target, q)).mean()
+    assert after < before
+    np.testing.assert_allclose(model.harmonize(np.array([5000.0])), 5000.0 + model.target_quantiles[-1] - model.source_quantiles[-1])
+
+
+# ------------------------------------------------------------------------------------------ model folders
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ModelError, match="not a RadiomicGAN model folder"):
+        load_model(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps({"format": "radiomicgan-model/1", "method": "choe", "architecture": {"channels": 64}}))
+    with pytest.raises(ModelError, match="no weights.pt"):
+        load_model(tmp_path)
+    torch.save({"generator": ChoeCNN(channels=32).state_dict()}, tmp_path / "weights.pt")
+    with pytest.raises(ModelError, match="generator weights do not match the ChoeCNN architecture"):
+        load_model(tmp_path)
+    torch.save({"generator": ChoeCNN(channels=64).state_dict()}, tmp_path / "weights.pt")
+    assert load_model(tmp_path).method == "choe"
+    (tmp_path / "model.json").write_text(json.dumps({"format": "something-else", "method": "choe"}))
+    with pytest.raises(ModelError, match="not a radiomicgan-model/1 card"):
+        load_model(tmp_path)
+
+
+def test_malicious_pickle_in_a_model_folder_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "model.json").write_text(json.dumps({"format": "radiomicgan-model/1", "method": "choe"}))
+    (tmp_path / "weights.pt").write_bytes(pickle.dumps({"generator": Exploit()}))
+    with pytest.raises(ModelError, match="refused: the file holds Python objects or code"):
+        load_model(tmp_path)
+    assert not marker.exists()

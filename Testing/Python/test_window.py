@@ -1,0 +1,115 @@
+"""Dynamic Window-based Training: the fixed-growing sequence and its triggers, dynamic selection on made-up
+CAMs, and the mapping of windows to inference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radiomicgan.window import (
+    STANDARD_RANGE,
+    WindowSchedule,
+    apply_window,
+    carry_weight,
+    fixed_growing_windows,
+    from_unit,
+    select_window,
+    to_unit,
+)
+
+
+def test_fixed_growing_sequence():
+    windows = fixed_growing_windows()
+    assert windows[0] == (-1024, -769) and windows[1] == (-1024, -513)
+    assert [hi for _, hi in windows] == [-769, -513, -257, -1, 255, 511, 767, 1000]
+    assert all(lo == -1024 for lo, _ in windows)
+
+
+def test_fixed_growing_widens_after_th_eta_epochs():
+    schedule = WindowSchedule("fixed", th_acc=0.9, th_eta=2)
+    seen = [schedule.window]
+    for epoch in range(20):
+        seen.append(schedule.end_epoch(epoch, accuracy=0.1))
+    # two epochs per window, then the whole range stays
+    assert seen[:5] == [(-1024, -769), (-1024, -769), (-1024, -513), (-1024, -513), (-1024, -257)]
+    assert seen[-1] == (-1024, 1000) and schedule.phase == "fixed"
+    assert len(schedule.history) == 20
+
+
+def test_fixed_growing_widens_early_when_accuracy_exceeds_threshold():
+    schedule = WindowSchedule("fixed", th_acc=0.5, th_eta=10)
+    assert schedule.end_epoch(0, accuracy=0.4) == (-1024, -769)  # neither trigger
+    assert schedule.end_epoch(1, accuracy=0.6) == (-1024, -513)  # accuracy trigger
+    assert schedule.end_epoch(2, accuracy=0.5) == (-1024, -513)  # not above the threshold
+
+
+def test_dwt_switches_to_dynamic_selection_once_the_range_is_covered():
+    schedule = WindowSchedule("dwt", th_acc=0.5, th_eta=1)
+    for epoch in range(8):
+        assert not schedule.needs_cam
+        schedule.end_epoch(epoch, accuracy=0.0)
+    assert schedule.window == (-1024, 1000) and schedule.phase == "dynamic"
+    assert schedule.needs_cam
+    assert schedule.end_epoch(8, 0.0, selected=(-900.0, 200.0)) == (-900.0, 200.0)
+    assert schedule.end_epoch(9, 0.0, selected=(-2000.0, 5000.0)) == (-1024.0, 1000.0)  # clamped to the range
+    assert schedule.end_epoch(10, 0.0, selected=None) == (-1024.0, 1000.0)  # no hot spot: keep the window
+    assert [h["phase"] for h in schedule.history] == ["fixed"] * 8 + ["dynamic"] * 3
+
+
+def test_dynamic_and_none_schedules_start_on_the_whole_range():
+    assert WindowSchedule("dynamic").window == STANDARD_RANGE and WindowSchedule("dynamic").needs_cam
+    none = WindowSchedule("none")
+    assert none.window == STANDARD_RANGE and not none.needs_cam
+    assert none.end_epoch(0, 1.0, selected=(-500.0, 0.0)) == STANDARD_RANGE
+    with pytest.raises(ValueError, match="unknown schedule"):
+        WindowSchedule("cosine")
+
+
+def test_schedule_state_round_trips():
+    schedule = WindowSchedule("dwt", th_eta=1)
+    schedule.end_epoch(0, 0.2)
+    state = schedule.state()
+    again = WindowSchedule(**{**state, "hu_range": tuple(state["hu_range"]), "window": tuple(state["window"])})
+    assert again.window == schedule.window and again.history == schedule.history and again.phase == "fixed"
+
+
+def test_dynamic_selection_threshold_singletons_and_merge():
+    hu_a = np.array([[-800, -800, -700], [-650, 100, 100]], dtype=float)
+    cam_a = np.array([[0.9, 0.8, 0.9], [0.2, 0.95, 0.7]])
+    # hot (> 0.5): -800 twice, -700 once (singleton: dropped), 100 twice; -650 is cold
+    hu_b = np.array([[300, 300, -950, -950]], dtype=float)
+    cam_b = np.array([[0.6, 0.7, 0.4, 0.3]])  # 300 twice hot; -950 cold
+    window, details = select_window([cam_a, cam_b], [hu_a, hu_b], th_fail=0.5)
+    assert window == (-800.0, 300.0)
+    assert details["hot_values"] == 3  # -800, 100, 300 after merging
+
+
+def test_dynamic_selection_singletons_are_per_image():
+    """A value seen once in each of two images is noise in both: it does not survive the merge."""
+    cam = np.array([[0.9, 0.9, 0.9]])
+    window, _ = select_window([cam, cam], [np.array([[-500.0, -500.0, 800.0]]), np.array([[-400.0, -400.0, 900.0]])])
+    assert window == (-578.0, -322.0)  # -500 and -400 kept, 800/900 singletons dropped; 256 HU around them
+
+
+def test_dynamic_selection_without_hot_spots():
+    window, details = select_window([np.zeros((4, 4))], [np.zeros((4, 4))], th_fail=0.5)
+    assert window is None and details["hot_values"] == 0
+
+
+def test_window_scaling_is_the_same_in_every_window():
+    hu = np.array([-1024.0, -769.0, -500.0, 0.0, 1000.0, 2000.0])
+    narrow = apply_window(hu, (-1024.0, -769.0))
+    full = apply_window(hu, STANDARD_RANGE)
+    assert narrow[1] == pytest.approx(full[1])  # -769 HU means the same to the network in both windows
+    assert np.all(narrow[2:] == narrow[1])  # clipped to the window
+    assert full[-1] == pytest.approx(1.0) and full[0] == pytest.approx(-1.0)
+    np.testing.assert_allclose(from_unit(to_unit(hu)), hu, atol=1e-9)
+
+
+def test_carry_weight_blends_without_seams():
+    hu = np.linspace(-3024, 3000, 6025)
+    w = carry_weight(hu)
+    assert w[np.searchsorted(hu, 0)] == 1.0 and w[np.searchsorted(hu, 1500)] == 0.0
+    assert w[np.searchsorted(hu, -2000)] == 0.0  # padding outside the field of view is carried over
+    ramp = (hu > 950) & (hu < 1000)
+    assert np.all(np.diff(w[ramp]) <= 0) and np.max(np.abs(np.diff(w[ramp]))) < 0.05  # linear, no jump

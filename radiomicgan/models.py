@@ -1,0 +1,214 @@
+"""Networks: RadiomicGAN's hybrid generator and PatchGAN discriminator, and the learned baselines.
+
+Every network maps a window-scaled slice in [-1, 1] (see ``radiomicgan.window``) to a window-scaled slice.
+Generators predict a correction added to their input (a residual head whose last layer starts at zero, so an
+untrained model is the identity): with the little paired data CT sites have, a direct-output GAN does not even
+reproduce its input, a residual one does (measured in the project brief). No layer uses batch statistics, so a
+slice's output never depends on the other slices of its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# VGG-19 ``features`` indices of the paper's four conv groups (conv1_1..conv1_2, ..., conv4_1..conv4_4),
+# each with its ReLUs; the max-pools between groups are applied in front of groups 2-4.
+VGG19_GROUPS = ((0, 4), (5, 9), (10, 18), (19, 27))
+VGG19_CHANNELS = (64, 128, 256, 512)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGGWeightsError(ValueError):
+    """The pretrained encoder's weights could not be had (offline, or a wrong file)."""
+
+
+def vgg19_features(weights: str = "imagenet") -> tuple[nn.Sequential, str]:
+    """VGG-19's first four conv groups (``features[:27]``) and where their weights came from.
+
+    ``weights``: "imagenet" (torchvision's download and cache), a path to a weights file (offline sites:
+    torchvision's ``vgg19-dcbb9e9d.pth`` or any state dict with the same ``features.*`` keys), or "random",
+    which only happens when asked for and is recorded in the model card. Files are read as data only.
+    """
+    from torchvision.models import VGG19_Weights
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["E"], batch_norm=False)[:27]
+    if weights == "random":
+        return features, "random initialisation (not ImageNet)"
+    if weights == "imagenet":
+        try:
+            state = VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True, weights_only=True)
+        except OSError as exc:  # URLError and friends: no network, no cache
+            raise VGGWeightsError(
+                f"could not get torchvision's ImageNet VGG-19 weights ({exc}); offline, pass a weights file "
+                "(e.g. vgg19-dcbb9e9d.pth) or 'random'"
+            ) from None
+        source = "ImageNet (torchvision VGG19_Weights.IMAGENET1K_V1)"
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise VGGWeightsError(f"{weights}: not a readable weights file ({type(exc).__name__}: {str(exc)[:100]})") from None
+        source = f"file {weights}"
+    if not isinstance(state, dict):
+        raise VGGWeightsError(f"{weights}: holds no state dict")
+    wanted = {k: v for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) < 27}
+    own = {f"features.{k}": v for k, v in features.state_dict().items()}
+    missing = [k for k in own if k not in wanted]
+    wrong = [k for k in own if k in wanted and tuple(wanted[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        raise VGGWeightsError(f"{weights}: not VGG-19 weights ({'missing' if missing else 'wrong shape of'} {(missing or wrong)[0]})")
+    features.load_state_dict({k[len("features."):]: v for k, v in wanted.items()})
+    return features, source
+
+
+def _conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+
+
+class ResidualHead(nn.Module):
+    """1x1 conv to one channel, zero-initialised: the network starts as the identity."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(features)
+
+
+class RadiomicGANGenerator(nn.Module):
+    """U-Net whose encoder is VGG-19's first four conv groups (frozen) with a trainable filter layer after
+    each group that feeds the skip connection to the matching decoder level (paper Fig. 1)."""
+
+    divisor = 8  # three poolings
+
+    def __init__(self, vgg_weights: str = "imagenet", finetune_vgg: bool = False, decoder_channels=(256, 128, 64, 32)):
+        super().__init__()
+        features, self.vgg_source = vgg19_features(vgg_weights)
+        self.groups = nn.ModuleList(
+            nn.Sequential(*([nn.MaxPool2d(2)] if k else []), *features[a:b]) for k, (a, b) in enumerate(VGG19_GROUPS)
+        )
+        self.finetune_vgg = finetune_vgg
+        for p in self.groups.parameters():
+            p.requires_grad_(finetune_vgg)
+        self.filters = nn.ModuleList(_conv(c, c // 2) for c in VGG19_CHANNELS)
+        skips = [c // 2 for c in VGG19_CHANNELS]
+        d4, d3, d2, d1 = decoder_channels
+        self.bottom = _conv(skips[3], d4)
+        self.up3 = nn.Sequential(_conv(d4 + skips[2], d3), _conv(d3, d3))
+        self.up2 = nn.Sequential(_conv(d3 + skips[1], d2), _conv(d2, d2))
+        self.up1 = nn.Sequential(_conv(d2 + skips[0], d1), _conv(d1, d1))
+        self.head = ResidualHead(d1)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.finetune_vgg:
+            self.groups.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = ((x + 1.0) / 2.0).expand(-1, 3, -1, -1)  # grayscale repeated, [0, 1], ImageNet statistics
+        h = (rgb - self.mean) / self.std
+        skips = []
+        with torch.set_grad_enabled(self.finetune_vgg and torch.is_grad_enabled()):
+            outs = []
+            for group in self.groups:
+                h = group(h)
+                outs.append(h)
+        for out, filt in zip(outs, self.filters):
+            skips.append(filt(out))
+        y = self.bottom(skips[3])
+        for up, skip in ((self.up3, skips[2]), (self.up2, skips[1]), (self.up1, skips[0])):
+            y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+            y = up(torch.cat([y, skip], dim=1))
+        return self.head(y, x)
+
+
+class UNetGenerator(nn.Module):
+    """From-scratch U-Net (pix2pix / GANai-like baseline): the same decoder, no VGG."""
+
+    divisor = 8
+
+    def __init__(self, channels=(32, 64, 128, 256)):
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.enc1 = nn.Sequential(_conv(1, c1), _conv(c1, c1))
+        self.enc2 = nn.Sequential(nn.MaxPool2d(2), _conv(c1, c2), _conv(c2, c2))
+        self.enc3 = nn.Sequential(nn.MaxPool2d(2), _conv(c2, c3), _conv(c3, c3))
+        self.enc4 = nn.Sequential(nn.MaxPool2d(2), _conv(c3, c4), _conv(c4, c4))
+        self.up3 = nn.Sequential(_conv(c4 + c3, c3), _conv(c3, c3))
+        self.up2 = nn.Sequential(_conv(c3 + c2, c2), _conv(c2, c2))
+        self.up1 = nn.Sequential(_conv(c2 + c1, c1), _conv(c1, c1))
+        self.head = ResidualHead(c1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        y = self.enc4(e3)
+        for up, skip in ((self.up3, e3), (self.up2, e2), (self.up1, e1)):
+            y = up(torch.cat([F.interpolate(y, scale_factor=2.0, mode="nearest"), skip], dim=1))
+        return self.head(y, x)
+
+
+class ChoeCNN(nn.Module):
+    """Choe et al. 2019: six 3x3 conv layers of 64 channels learning the residual (target - input)."""
+
+    divisor = 1
+
+    def __init__(self, channels: int = 64, layers: int = 6):
+        super().__init__()
+        body = [nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(layers - 2):
+            body += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*body)
+        self.last = nn.Conv2d(channels, 1, 3, padding=1)
+        nn.init.zeros_(self.last.weight)
+        nn.init.zeros_(self.last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.last(self.body(x))
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN conditioned on the input: C64(s2, no norm)-C128(s2)-C256(s2)-C512(s1)-C1(s1), 4x4 kernels,
+    LeakyReLU 0.2, InstanceNorm (not BatchNorm), 70x70 receptive field. Logits > 0 mean "standard kernel"."""
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        c = channels
+
+        def block(cin, cout, stride, norm=True):
+            layers = [nn.Conv2d(cin, cout, 4, stride, 1)]
+            if norm:
+                layers.append(nn.InstanceNorm2d(cout, affine=True))
+            layers.append(nn.LeakyReLU(0.2))  # not in place: Grad-CAM hooks read this activation
+            return layers
+
+        self.features = nn.Sequential(*block(2, c, 2, norm=False), *block(c, 2 * c, 2), *block(2 * c, 4 * c, 2), *block(4 * c, 8 * c, 1))
+        self.classifier = nn.Conv2d(8 * c, 1, 4, 1, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, source: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(torch.cat([source, candidate], dim=1)))
+
+
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad (rows, cols) up to a multiple of ``divisor`` so any slice size fits the U-Net."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)

@@ -1,0 +1,585 @@
+"""Training: RadiomicGAN with Dynamic Window-based Training, and the baselines on the same data.
+
+One epoch is ``steps_per_epoch`` optimisation steps on random paired crops (slices are sampled, so "epoch" is
+the unit DWT counts in). After each epoch: the generator accuracy (fraction of discriminator patches that call
+synthesized images standard, the reading of the paper's "model accuracy" taken from the authors' GANai code)
+drives fixed growing; Grad-CAM hot spots drive dynamic selection; validation PSNR is measured on whole slices;
+the model folder is rewritten atomically, so a cancel or a crash leaves the last complete epoch loadable.
+
+Beyond one GPU: ``torchrun --nproc_per_node N -m radiomicgan.cli train ...`` trains with DistributedDataParallel
+(gloo on CPU, NCCL on CUDA); rank 0 writes the model folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .dataset import Manifest, SliceSampler, load_manifest
+from .errors import RadiomicGANError
+from .metrics import psnr
+from .modelio import (
+    CARD_NAME,
+    CHECKPOINT_NAME,
+    METHODS,
+    MODEL_FORMAT,
+    NETWORK_METHODS,
+    WEIGHTS_NAME,
+    LoadedModel,
+    atomic_torch_save,
+    build_networks,
+    harmonize_hu,
+    safe_load,
+    write_card,
+)
+from .window import STANDARD_RANGE, WindowSchedule, apply_window, select_window
+
+LOG_NAME = "train_log.jsonl"
+CANCEL_NAME = "CANCEL"
+WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
+
+
+class TrainingError(RadiomicGANError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    method: str = "radiomicgan"
+    schedule: str = "dwt"
+    epochs: int = 30  # the paper's maximum
+    steps_per_epoch: int = 100
+    batch: int = 4
+    crop: int = 128
+    lr: float = 1e-4  # paper
+    beta1: float = 0.5  # paper
+    lambda_l1: float = 100.0
+    th_acc: float = 0.5
+    th_eta: int = 2
+    th_fail: float = 0.5
+    cam_subset: int = 8  # |P|: slices whose Grad-CAM picks the next window
+    window_step: float = 256.0
+    hu_range: tuple[float, float] = STANDARD_RANGE
+    vgg_weights: str = "imagenet"
+    finetune_vgg: bool = False
+    device: str = "auto"
+    seed: int = 0
+    val_slices: int = 8
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise TrainingError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.method in ("choe", "pix2pix") and self.schedule != "none":
+            raise TrainingError(f"method '{self.method}' trains on the whole range: use --schedule none")
+        for name in ("epochs", "steps_per_epoch", "batch", "crop", "th_eta", "cam_subset"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name.replace('_', '-')} must be at least 1")
+        if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
+            raise TrainingError(f"crop {self.crop} must be a multiple of 8 (three poolings in the U-Net)")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {name} requested but CUDA is not available here; use --device cpu")
+    return name
+
+
+class Cancel:
+    """Stop at the next step on Ctrl-C or when a flag file appears (for programs that launch training)."""
+
+    def __init__(self, flag_file: Path | None):
+        self.flag_file = flag_file
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if hasattr(signal, "SIGINT") and _main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_signal(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nradiomicgan: stopping after this step (Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        if self.flag_file is not None and self.flag_file.exists():
+            self.requested = True
+        return self.requested
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Distributed:
+    """torchrun's environment -> a process group; a no-op for one process."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if device == "cuda":
+                self.device = f"cuda:{self.local_rank}"
+            dist.init_process_group(backend)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        if not self.active:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.startswith("cuda") else "cpu")
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def gather(self, value: float) -> list[float]:
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def close(self):
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _split(manifest: Manifest, val_slices: int) -> tuple[Manifest, list[tuple[np.ndarray, np.ndarray]], str]:
+    """Hold out the last pair for validation when there are several; otherwise validate on the training pair
+    (and say so in the card)."""
+    if len(manifest.pairs) > 1:
+        train = Manifest(manifest.path, manifest.pairs[:-1], manifest.info)
+        held = SliceSampler(Manifest(manifest.path, manifest.pairs[-1:], manifest.info), crop=None)
+        label = f"held-out pair '{manifest.pairs[-1].id}'"
+    else:
+        train = manifest
+        held = SliceSampler(manifest, crop=None)
+        label = "the training pair (only one pair given)"
+    slices = [(s, t) for _, _, s, t in held.slices()]
+    step = max(1, len(slices) // val_slices)
+    return train, slices[::step][:val_slices], label
+
+
+def _versions() -> dict:
+    import torch
+    import torchvision
+
+    return {"radiomicgan": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def validation_psnr(model: LoadedModel, slices, spacing, device: str) -> tuple[float, float]:
+    """Mean PSNR of harmonized and of input against target over whole validation slices."""
+    sources = np.stack([s for s, _ in slices]) if len({s.shape for s, _ in slices}) == 1 else None
+    outs = harmonize_hu(model, sources, spacing, device) if sources is not None else [
+        harmonize_hu(model, s, spacing, device) for s, _ in slices]
+    model_psnr = float(np.mean([psnr(t, o) for (_, t), o in zip(slices, outs)]))
+    input_psnr = float(np.mean([psnr(t, s) for s, t in slices]))
+    return model_psnr, input_psnr
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def train(
+    pairs: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    cancel_file: Path | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train and write a model folder; returns the card. ``on_epoch`` receives each epoch's record."""
+    config.check()
+    manifest = load_manifest(pairs)
+    out = Path(out)
+    if config.method in ("filter", "histmatch"):
+        return _fit_closed_form(manifest, out, config, resume)
+    return _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
+
+
+def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file() or not (out / CARD_NAME).is_file():
+            raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
+        previous = json.loads((out / CARD_NAME).read_text())
+        for key in ("method", "schedule"):
+            if previous.get(key) != getattr(config, key):
+                raise TrainingError(f"{out}: was trained with {key} '{previous.get(key)}', not '{getattr(config, key)}'; cannot resume")
+    elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
+        raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _base_card(manifest: Manifest, config: TrainConfig) -> dict:
+    source_kernel, target_kernel = manifest.kernels
+    return {
+        "format": MODEL_FORMAT,
+        "method": config.method,
+        "schedule": config.schedule if config.method in NETWORK_METHODS else None,
+        "source_kernel": source_kernel,
+        "target_kernel": target_kernel,
+        "hu_range": list(config.hu_range),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "versions": _versions(),
+        "data": {"manifest": str(manifest.path), "pairs": len(manifest.pairs)},
+    }
+
+
+def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume: bool) -> dict:
+    from .baselines import FilterHarmonizer, HistMatchHarmonizer
+
+    _prepare_output(out, False, config)
+    train_set, val, val_label = _split(manifest, config.val_slices)
+    sampler = SliceSampler(train_set, crop=None)
+    triples = [(s.hu, t.hu, s.spacing[:2]) for s, t in sampler.volumes]
+    if config.method == "filter":
+        nyquist = max(0.5 / min(sp) for _, _, sp in triples)
+        model = FilterHarmonizer.fit(triples, nyquist)
+    else:
+        model = HistMatchHarmonizer.fit(triples)
+    card = _base_card(manifest, config)
+    spacing = sampler.volumes[0][0].spacing[:2]
+    loaded = LoadedModel(card=card, baseline=model)
+    model_psnr, input_psnr = validation_psnr(loaded, val, spacing, "cpu")
+    card.update(
+        architecture={"baseline": config.method},
+        data={**card["data"], "pairs": len(train_set.pairs), "slices": len(sampler), "validation": val_label},
+        validation={"psnr_db": model_psnr, "input_psnr_db": input_psnr, "slices": len(val)},
+        training={"epochs": 0, "epochs_done": 0, "steps_done": 0, "device": "cpu", "precision": "float64", "closed_form": True},
+    )
+    atomic_torch_save(model.state(), out / WEIGHTS_NAME)
+    write_card(out, card)
+    return card
+
+
+def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    device = resolve_device(config.device)
+    dist = _Distributed(device)
+    device = dist.device
+    try:
+        if dist.main:
+            _prepare_output(out, resume, config)
+        train_set, val, val_label = _split(manifest, config.val_slices)
+        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        spacing = sampler.volumes[0][0].spacing[:2]
+        torch.manual_seed(config.seed)
+
+        card = _base_card(manifest, config)
+        card["architecture"] = {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg}
+        generator, discriminator = build_networks(card)
+        card["architecture"]["vgg_source"] = getattr(generator, "vgg_source", "none (no pretrained encoder)")
+        card["architecture"].pop("vgg_weights")
+        if "random" in card["architecture"]["vgg_source"] and config.method == "radiomicgan" and dist.main:
+            print("radiomicgan: VGG-19 encoder randomly initialised (not ImageNet), as asked; recorded in the model card",
+                  file=sys.stderr)
+        cuda = device.startswith("cuda")
+        memory_format = torch.channels_last if cuda else torch.contiguous_format
+        generator.to(device, memory_format=memory_format)
+        if discriminator is not None:
+            discriminator.to(device, memory_format=memory_format)
+        g_params = [p for p in generator.parameters() if p.requires_grad]
+        if config.method == "choe":
+            opt_g = torch.optim.Adam(g_params, lr=config.lr)
+        else:
+            opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, 0.999))
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
+        schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta)
+        start_epoch, steps_done = 0, 0
+
+        if resume:
+            state = safe_load(out / CHECKPOINT_NAME)
+            generator.load_state_dict(state["generator"])
+            opt_g.load_state_dict(state["opt_g"])
+            if discriminator is not None:
+                discriminator.load_state_dict(state["discriminator"])
+                opt_d.load_state_dict(state["opt_d"])
+            schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
+                                         "window": tuple(state["schedule"]["window"])})
+            start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+            sampler.rng = np.random.default_rng([config.seed + 1000 * dist.rank, start_epoch])
+            torch.manual_seed(config.seed + start_epoch)
+
+        g_train, d_train = generator, discriminator
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [int(device.split(":")[1])] if cuda else None
+            g_train = DDP(generator, device_ids=ids)
+            d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
+
+        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        card["training"] = {"device": device, "precision": "bf16 autocast + channels_last" if cuda else "float32",
+                            "world_size": dist.world_size, "epochs": config.epochs}
+        card["data"].update(pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
+
+        bar = None
+        show = progress if progress is not None else sys.stderr.isatty()
+        if show and dist.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=config.epochs * config.steps_per_epoch, initial=start_epoch * config.steps_per_epoch,
+                       desc=f"train {config.method}", unit="step")
+        log = open(out / LOG_NAME, "a") if dist.main else None
+        cancel = Cancel(cancel_file or out / CANCEL_NAME)
+        status = "completed"
+        with cancel:
+            for epoch in range(start_epoch, config.epochs):
+                window = schedule.window
+                generator.train()
+                if discriminator is not None:
+                    discriminator.train()
+                sums = {"loss_g": 0.0, "loss_d": 0.0, "l1": 0.0, "l1_input": 0.0, "accuracy": 0.0}
+                started = time.perf_counter()
+                for step in range(config.steps_per_epoch):
+                    if dist.broadcast(cancel()) if dist.active else cancel():
+                        status = "cancelled"
+                        break
+                    source, target = sampler.sample(config.batch)
+                    x = torch.from_numpy(apply_window(source, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
+                    y = torch.from_numpy(apply_window(target, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
+                    record = _step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F)
+                    for k in sums:
+                        sums[k] += record.get(k, 0.0)
+                    steps_done += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(window=f"[{window[0]:.0f},{window[1]:.0f}]", l1=f"{record['l1']:.4f}")
+                    if log and steps_done % config.log_every == 0:
+                        log.write(json.dumps({"event": "step", "epoch": epoch, "step": steps_done, "window": list(window), **record}) + "\n")
+                        log.flush()
+                if status == "cancelled":
+                    break
+                means = {k: dist.mean(v / config.steps_per_epoch) for k, v in sums.items()}
+                selected, cam_info = None, {}
+                if schedule.needs_cam:
+                    if dist.main:
+                        selected, cam_info = _dynamic_selection(generator, discriminator, sampler, config, device)
+                    selected = dist.broadcast(selected)
+                schedule.end_epoch(epoch, means["accuracy"], selected)
+                epoch_record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
+                                "seconds": time.perf_counter() - started, **means, **cam_info}
+                if dist.main:
+                    loaded = LoadedModel(card=card, generator=generator.eval(), discriminator=discriminator)
+                    epoch_record["val_psnr_db"], epoch_record["val_input_psnr_db"] = validation_psnr(loaded, val, spacing, device)
+                    card["validation"] = {"psnr_db": epoch_record["val_psnr_db"], "input_psnr_db": epoch_record["val_input_psnr_db"], "slices": len(val)}
+                    card["final_window"] = list(window)
+                    card["window_history"] = schedule.history
+                    card["training"].update(epochs_done=epoch + 1, steps_done=steps_done)
+                    _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done)
+                    log.write(json.dumps(epoch_record) + "\n")
+                    log.flush()
+                    if on_epoch:
+                        on_epoch(epoch_record)
+        if bar is not None:
+            bar.close()
+        checksums = dist.gather(float(sum(p.detach().double().sum().item() for p in generator.parameters())))  # equal when in sync
+        if dist.main:
+            if dist.active:
+                log.write(json.dumps({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1}) + "\n")
+            log.write(json.dumps({"event": "end", "status": status, "steps": steps_done}) + "\n")
+            log.close()
+            card["training"]["status"] = status
+            if (out / CARD_NAME).exists():
+                write_card(out, card)
+                _plots(out, card, generator, discriminator, val, config, device)
+            elif status == "cancelled":
+                _remove_empty_run(out)
+        return card
+    finally:
+        dist.close()
+
+
+def _step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
+    """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
+    lambda L1. Choe: L2 only."""
+    import torch
+
+    l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
+    if d is None:  # Choe et al.: L2 on the residual
+        with autocast:
+            fake = g(x)
+            loss = F.mse_loss(fake.float(), y.float())
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
+    with autocast:
+        fake = g(x)
+        logits_fake = d(x, fake.detach())
+        logits_real = d(x, y)
+        loss_d = 0.5 * (F.binary_cross_entropy_with_logits(logits_real.float(), torch.ones_like(logits_real, dtype=torch.float32))
+                        + F.binary_cross_entropy_with_logits(logits_fake.float(), torch.zeros_like(logits_fake, dtype=torch.float32)))
+    accuracy = float((logits_fake.detach() > 0).float().mean())  # patches that call the synthesized image standard
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with autocast:
+        logits = d(x, fake)
+        adversarial = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
+        l1 = F.l1_loss(fake.float(), y.float())
+        loss_g = adversarial + config.lambda_l1 * l1
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "l1": l1.item(), "l1_input": l1_input, "accuracy": accuracy}
+
+
+def _dynamic_selection(generator, discriminator, sampler, config, device):
+    """Grad-CAM of the frozen discriminator on synthesized images of a random subset P of training slices."""
+    import torch
+
+    from .gradcam import gradcam_nonstandard
+    from .window import from_unit, to_unit
+
+    generator.eval()
+    source, _ = sampler.sample(config.cam_subset)
+    x = torch.from_numpy(to_unit(np.clip(source, *config.hu_range), config.hu_range))[:, None].to(device)
+    with torch.no_grad():
+        fake = generator(x)
+    cams = gradcam_nonstandard(discriminator, x, fake)[:, 0].cpu().numpy()
+    hu = from_unit(fake[:, 0].float().cpu().numpy(), config.hu_range)
+    selected, details = select_window(list(cams), list(hu), config.th_fail, config.hu_range)
+    return selected, {"cam_" + k: v for k, v in details.items()}
+
+
+def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, steps_done) -> None:
+    weights = {"generator": generator.state_dict()}
+    checkpoint = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "epoch": epoch, "steps_done": steps_done,
+                  "schedule": schedule.state()}
+    if discriminator is not None:
+        weights["discriminator"] = discriminator.state_dict()
+        checkpoint["discriminator"] = discriminator.state_dict()
+        checkpoint["opt_d"] = opt_d.state_dict()
+    atomic_torch_save(weights, out / WEIGHTS_NAME)
+    atomic_torch_save(checkpoint, out / CHECKPOINT_NAME)
+    write_card(out, card)
+
+
+def _remove_empty_run(out: Path) -> None:
+    """A run cancelled before its first epoch completed leaves nothing behind but its own log."""
+    for name in (LOG_NAME, CANCEL_NAME):
+        if (out / name).exists():
+            (out / name).unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()
+
+
+def _plots(out: Path, card: dict, generator, discriminator, val, config, device) -> None:
+    """The window history (paper Fig. 5a) and sample Grad-CAM maps (Fig. 5b), saved as data and plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = card.get("window_history", [])
+    if history:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        epochs = [h["epoch"] for h in history]
+        colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "full": "tab:gray"}
+        for h in history:
+            ax.bar(h["epoch"], h["hi"] - h["lo"], bottom=h["lo"], color=colours.get(h["phase"], "tab:gray"), width=0.8)
+        for phase, colour in colours.items():
+            if any(h["phase"] == phase for h in history):
+                ax.bar([], [], color=colour, label={"fixed": "fixed growing", "dynamic": "dynamic selection", "full": "whole range"}[phase])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training window (HU)")
+        ax.set_xticks(epochs)
+        ax.set_title(f"Dynamic window-based training: {card.get('schedule')} schedule")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / WINDOWS_PLOT, dpi=100)
+        plt.close(fig)
+    if discriminator is None or not val:
+        return
+    import torch
+
+    from .gradcam import gradcam_nonstandard
+    from .window import from_unit, to_unit
+
+    shapes = {s.shape for s, _ in val}
+    samples = [s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]]
+    x = torch.from_numpy(to_unit(np.clip(np.stack(samples), *config.hu_range), config.hu_range))[:, None].to(device)
+    generator.eval()
+    with torch.no_grad():
+        x_pad = x
+        from .models import pad_to_multiple
+
+        x_pad, (h, w) = pad_to_multiple(x, generator.divisor)
+        fake = generator(x_pad)[..., :h, :w]
+    cams = gradcam_nonstandard(discriminator, x, fake)[:, 0].cpu().numpy()
+    synthesized = from_unit(fake[:, 0].float().cpu().numpy(), config.hu_range)
+    windows = [select_window([c], [s], config.th_fail, config.hu_range)[0] for c, s in zip(cams, synthesized)]
+    np.savez_compressed(out / CAM_SAMPLES, source=np.stack(samples), synthesized=synthesized, cam=cams)
+    fig, axes = plt.subplots(len(samples), 3, figsize=(10, 3.3 * len(samples)), squeeze=False)
+    for row, (src, syn, cam, win) in enumerate(zip(samples, synthesized, cams, windows)):
+        axes[row, 0].imshow(src, cmap="gray", vmin=-800, vmax=800)
+        axes[row, 0].set_title("input")
+        axes[row, 1].imshow(syn, cmap="gray", vmin=-800, vmax=800)
+        axes[row, 1].set_title("synthesized")
+        axes[row, 2].imshow(syn, cmap="gray", vmin=-800, vmax=800)
+        axes[row, 2].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        axes[row, 2].set_title("Grad-CAM 'non-standard'" + (f": hot spots [{win[0]:.0f}, {win[1]:.0f}] HU" if win else ": no hot spot"))
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / CAM_PLOT, dpi=80)
+    plt.close(fig)

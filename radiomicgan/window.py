@@ -1,0 +1,144 @@
+"""HU windows and Dynamic Window-based Training (DWT) schedules.
+
+A window [lo, hi] is the HU range a model sees in one epoch: input and target are clipped to it. The scale
+that maps HU to the network's [-1, 1] is the standardization range ([-1024, 1000] HU by default) in every
+epoch and at inference, so a model's units never change: the paper's "min-max scaling" taken over the range,
+not over each window (per-window scaling would change what one network unit means from epoch to epoch and
+leave inference without a defined scale). At inference the window is the whole range; pixels outside it are
+carried over from the input (see ``carry_weight``).
+
+Schedules (paper section 2.2):
+- ``fixed`` (RadiomicGAN-1): fixed growing from [-1024, -769], widening the upper bound by 256 HU when the
+  generator accuracy exceeds th_acc or the window has trained th_eta epochs, until the range is covered;
+- ``dynamic`` (RadiomicGAN-2): after each epoch, dynamic selection from Grad-CAM hot spots sets the window;
+- ``dwt`` (RadiomicGAN): fixed growing, then dynamic selection;
+- ``none``: the whole range every epoch (plain pix2pix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+STANDARD_RANGE = (-1024.0, 1000.0)
+SCHEDULES = ("dwt", "fixed", "dynamic", "none")
+CARRY_MARGIN_HU = 50.0  # blend width between harmonized and carried-over pixels at the range edges
+
+
+def to_unit(hu, hu_range=STANDARD_RANGE):
+    """HU -> [-1, 1] over the standardization range (works on numpy arrays and torch tensors)."""
+    lo, hi = hu_range
+    return (hu - lo) * (2.0 / (hi - lo)) - 1.0
+
+
+def from_unit(unit, hu_range=STANDARD_RANGE):
+    lo, hi = hu_range
+    return (unit + 1.0) * ((hi - lo) / 2.0) + lo
+
+
+def apply_window(hu, window, hu_range=STANDARD_RANGE):
+    """Clip HU to the window, then scale over the standardization range."""
+    clipped = hu.clip(window[0], window[1]) if hasattr(hu, "clip") else np.clip(hu, window[0], window[1])
+    return to_unit(clipped, hu_range)
+
+
+def carry_weight(hu: np.ndarray, hu_range=STANDARD_RANGE, margin: float = CARRY_MARGIN_HU) -> np.ndarray:
+    """1 where the model's output is used, 0 where the input is carried over (outside the range), with a
+    linear ramp of ``margin`` HU inside each edge so there is no seam. The lower edge is the air floor, where
+    nothing is carried, so only the upper edge ramps."""
+    lo, hi = hu_range
+    return np.clip((hi - np.asarray(hu, dtype=np.float32)) / margin, 0.0, 1.0) * (np.asarray(hu) >= lo - margin)
+
+
+@dataclass
+class WindowSchedule:
+    """State of DWT between epochs; serialisable (plain numbers) so a run can resume."""
+
+    schedule: str = "dwt"
+    hu_range: tuple[float, float] = STANDARD_RANGE
+    start_upper: float = -769.0
+    step: float = 256.0
+    th_acc: float = 0.5
+    th_eta: int = 2
+    phase: str = ""
+    window: tuple[float, float] = (0.0, 0.0)
+    epochs_in_window: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        self.hu_range = tuple(float(v) for v in self.hu_range)
+        if not self.phase:
+            self.phase = {"dwt": "fixed", "fixed": "fixed", "dynamic": "dynamic", "none": "full"}[self.schedule]
+            lo, hi = self.hu_range
+            self.window = (lo, min(self.start_upper, hi)) if self.phase == "fixed" else (lo, hi)
+        self.window = tuple(float(v) for v in self.window)
+
+    @property
+    def full(self) -> tuple[float, float]:
+        return self.hu_range
+
+    @property
+    def needs_cam(self) -> bool:
+        """Whether the next window comes from dynamic selection (so Grad-CAM must run after this epoch)."""
+        return self.phase == "dynamic"
+
+    def end_epoch(self, epoch: int, accuracy: float, selected: tuple[float, float] | None = None) -> tuple[float, float]:
+        """Record the epoch just trained and return the next epoch's window."""
+        self.history.append({"epoch": epoch, "phase": self.phase, "lo": self.window[0], "hi": self.window[1], "accuracy": accuracy})
+        self.epochs_in_window += 1
+        lo, hi = self.hu_range
+        if self.phase == "fixed":
+            covered = self.window[1] >= hi
+            if covered and self.schedule == "dwt":
+                self.phase = "dynamic"
+            elif not covered and (accuracy > self.th_acc or self.epochs_in_window >= self.th_eta):
+                self.window = (lo, min(self.window[1] + self.step, hi))
+                self.epochs_in_window = 0
+        if self.phase == "dynamic" and self.history[-1]["phase"] == "dynamic":
+            if selected is not None:
+                self.window = (max(lo, selected[0]), min(hi, selected[1]))
+                self.epochs_in_window = 0
+        return self.window
+
+    def state(self) -> dict:
+        return asdict(self)
+
+
+def fixed_growing_windows(hu_range=STANDARD_RANGE, start_upper: float = -769.0, step: float = 256.0) -> list[tuple[float, float]]:
+    """The windows fixed growing passes through: [-1024, -769], [-1024, -513], ... up to the range."""
+    lo, hi = hu_range
+    windows, upper = [], start_upper
+    while True:
+        windows.append((lo, min(upper, hi)))
+        if upper >= hi:
+            return windows
+        upper += step
+
+
+def select_window(
+    cams: list[np.ndarray], hu_images: list[np.ndarray], th_fail: float = 0.5, hu_range=STANDARD_RANGE, min_width: float = 256.0
+) -> tuple[tuple[float, float] | None, dict]:
+    """Dynamic selection: the HU values of pixels whose CAM exceeds ``th_fail``, per image; values seen only
+    once dropped as noise; the lists merged; the window spans what remains (at least ``min_width`` HU, within
+    the range). Returns (window or None when there are no hot spots, details)."""
+    kept_all = []
+    for cam, hu in zip(cams, hu_images):
+        values = np.rint(np.asarray(hu)[np.asarray(cam) > th_fail]).astype(np.int64)
+        if values.size == 0:
+            continue
+        uniq, counts = np.unique(values, return_counts=True)
+        kept_all.append(uniq[counts > 1])
+    merged = np.unique(np.concatenate(kept_all)) if kept_all else np.array([], dtype=np.int64)
+    details = {"hot_values": int(merged.size)}
+    if merged.size == 0:
+        return None, details
+    lo, hi = max(float(merged.min()), hu_range[0]), min(float(merged.max()), hu_range[1])
+    if hi - lo < min_width:  # too narrow to train on: widen around its centre, inside the range
+        centre = (lo + hi) / 2.0
+        lo = max(hu_range[0], min(centre - min_width / 2.0, hu_range[1] - min_width))
+        hi = lo + min_width
+    details.update(lo=lo, hi=hi)
+    return (lo, hi), details
