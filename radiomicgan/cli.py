@@ -156,7 +156,8 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), size=args.size, slices=args.slices, seed=args.seed)
+    run_demo(Path(args.out), size=args.size, slices=args.slices, seed=args.seed, epochs=args.epochs,
+             steps_per_epoch=args.steps_per_epoch, crop=args.crop)
     return 0
 
 
@@ -226,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")
-    demo.add_argument("--size", type=_at_least(16), default=256)
-    demo.add_argument("--slices", type=_at_least(1), default=8)
+    demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
+    demo.add_argument("--slices", type=_at_least(1), default=8, help="slices per phantom scan (default 8)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=_at_least(1), default=12, help="training epochs (default 12, a few minutes on 2 cores)")
+    demo.add_argument("--steps-per-epoch", type=_at_least(1), default=25)
+    demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -236,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"radiomicgan: warning: {message}\n"
     try:
         return args.func(args)
@@ -245,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("radiomicgan: cancelled; no output written", file=sys.stderr)
         return EXIT_CANCELLED
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                     source, target = sampler.sample(config.batch)
                     x = torch.from_numpy(apply_window(source, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
                     y = torch.from_numpy(apply_window(target, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
-                    record = _step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F)
+                    record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F)
                     for k in sums:
                         sums[k] += record.get(k, 0.0)
                     steps_done += 1
@@ -448,7 +448,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         dist.close()
 
 
-def _step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
     """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
     lambda L1. Choe: L2 only."""
     import torch
@@ -537,14 +537,15 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "full": "tab:gray"}
         for h in history:
             ax.bar(h["epoch"], h["hi"] - h["lo"], bottom=h["lo"], color=colours.get(h["phase"], "tab:gray"), width=0.8)
-        for phase, colour in colours.items():
-            if any(h["phase"] == phase for h in history):
-                ax.bar([], [], color=colour, label={"fixed": "fixed growing", "dynamic": "dynamic selection", "full": "whole range"}[phase])
+        from matplotlib.patches import Patch
+
+        names = {"fixed": "fixed growing", "dynamic": "dynamic selection", "full": "whole range"}
+        handles = [Patch(color=colours[p], label=names[p]) for p in names if any(h["phase"] == p for h in history)]
         ax.set_xlabel("epoch")
         ax.set_ylabel("training window (HU)")
         ax.set_xticks(epochs)
         ax.set_title(f"Dynamic window-based training: {card.get('schedule')} schedule")
-        ax.legend(fontsize=8)
+        ax.legend(handles=handles, fontsize=8)
         fig.tight_layout()
         fig.savefig(out / WINDOWS_PLOT, dpi=100)
         plt.close(fig)
@@ -577,7 +578,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         axes[row, 1].set_title("synthesized")
         axes[row, 2].imshow(syn, cmap="gray", vmin=-800, vmax=800)
         axes[row, 2].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        axes[row, 2].set_title("Grad-CAM 'non-standard'" + (f": hot spots [{win[0]:.0f}, {win[1]:.0f}] HU" if win else ": no hot spot"))
+        axes[row, 2].set_title("Grad-CAM, non-standard\n" + (f"hot spots span [{win[0]:.0f}, {win[1]:.0f}] HU" if win else "no hot spot"), fontsize=9)
         for ax in axes[row]:
             ax.axis("off")
     fig.tight_layout()

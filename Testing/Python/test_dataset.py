@@ -176,16 +176,21 @@ def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):
     assert info.value.code == 2 and "must be at least 16" in capsys.readouterr().err
 
 
-def test_demo_runs_and_refuses_foreign_folder(tmp_path, capsys):
+def test_demo_runs_end_to_end_and_refuses_foreign_folder(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--size", "64", "--slices", "2"]) == 0
+    tiny = ["--size", "48", "--slices", "2", "--epochs", "2", "--steps-per-epoch", "2", "--crop", "32"]
+    assert main(["demo", "--out", str(out), *tiny]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert 20 < summary["source_vs_target"]["psnr_db"] < 60 and 0 < summary["source_vs_target"]["ssim"] < 1
-    noise = summary["noise_std_hu"]
-    assert noise["B50-sim"] > 1.5 * noise["B30-sim"]
-    assert (out / "kernels.png").stat().st_size > 20_000
-    assert "B30-sim vs B50-sim" in capsys.readouterr().out
-    assert main(["demo", "--out", str(out), "--size", "64", "--slices", "2"]) == 0  # reruns over its own output
+    assert set(summary["results"]) == {"input (B30)", "RadiomicGAN", "filter baseline", "Choe et al. CNN"}
+    for row in summary["results"].values():
+        assert 20 < row["psnr_db"] < 80 and 0 < row["ssim"] <= 1
+    assert summary["results"]["filter baseline"]["psnr_db"] > summary["results"]["input (B30)"]["psnr_db"]
+    assert "random" in summary["radiomicgan"]["vgg_source"]  # offline here: said, not hidden
+    assert (out / "harmonization.png").stat().st_size > 20_000
+    assert (out / "models" / "radiomicgan" / "windows.png").is_file()
+    printed = capsys.readouterr().out
+    assert "Held-out scan case002" in printed and "randomly initialised encoder" in printed
+    assert main(["demo", "--out", str(out), *tiny]) == 0  # reruns over its own output
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.docx").write_text("precious")

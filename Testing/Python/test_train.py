@@ -59,6 +59,7 @@ def test_each_method_and_schedule_lowers_its_loss(pairs, tmp_path, method, sched
     if schedule == "none":
         assert set(windows) == {(-1024, 1000)}
     assert card["training"]["status"] == "completed" and card["training"]["epochs_done"] == 4
+    assert card["validation"]["psnr_db"] > card["validation"]["input_psnr_db"]  # whole held-out slices improve
     model = load_model(tmp_path / "m")
     assert model.method == method
     for name in ("model.json", "MODEL_CARD.md", "weights.pt", "checkpoint.pt", "train_log.jsonl"):
