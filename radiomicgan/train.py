@@ -151,7 +151,10 @@ class _Distributed:
         if self.world_size > 1 and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             if device == "cuda":
+                import torch
+
                 self.device = f"cuda:{self.local_rank}"
+                torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend)
 
     @property

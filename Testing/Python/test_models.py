@@ -153,16 +153,21 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
     assert torch.equal(features[0].weight, reference[0].weight)
 
 
+class _Exploit:
+    """Unpickling this runs a shell command: what a model file must never be able to do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_malicious_weights_file_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            import os
-
-            return (os.system, (f"touch {marker}",))
-
-    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"features.0.weight": Exploit()}))
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"features.0.weight": _Exploit(marker)}))
     with pytest.raises(VGGWeightsError, match="not a readable weights file"):
         vgg19_features(str(tmp_path / "evil.pth"))
     assert not marker.exists()
@@ -225,15 +230,8 @@ def test_load_model_errors(tmp_path):
 
 def test_malicious_pickle_in_a_model_folder_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            import os
-
-            return (os.system, (f"touch {marker}",))
-
     (tmp_path / "model.json").write_text(json.dumps({"format": "radiomicgan-model/1", "method": "choe"}))
-    (tmp_path / "weights.pt").write_bytes(pickle.dumps({"generator": Exploit()}))
+    (tmp_path / "weights.pt").write_bytes(pickle.dumps({"generator": _Exploit(marker)}))
     with pytest.raises(ModelError, match="refused: the file holds Python objects or code"):
         load_model(tmp_path)
     assert not marker.exists()

@@ -126,6 +126,27 @@ def test_cancel_leaves_the_last_complete_epoch(pairs, tmp_path):
     assert not list(out.glob(".*partial*"))
 
 
+def test_ctrl_c_stops_training_and_keeps_the_last_epoch(pairs, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    command = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(pairs), "--out", str(out), "--epochs", "50",
+               "--steps-per-epoch", "2", "--batch", "2", "--crop", "32", "--vgg-weights", "random", "--device", "cpu"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "model.json").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    assert stdout.startswith("cancelled:") and "stopping after this step" in stderr
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["status"] == "cancelled" and 1 <= card["training"]["epochs_done"] < 50
+    assert load_model(out).generator is not None
+
+
 def test_cancel_before_any_epoch_leaves_nothing(pairs, tmp_path):
     flag = tmp_path / "stop"
     flag.touch()
