@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_io_simulate.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_harmonize.py
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

@@ -153,6 +153,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_harmonize(args) -> int:
+    from tqdm import tqdm
+
+    from .harmonize import Harmonizer, harmonize_file
+
+    harmonizer = Harmonizer(args.model, device=args.device, batch=args.batch, compile=args.compile)
+    with tqdm(desc="harmonize", unit="slice", disable=not sys.stderr.isatty()) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        result = harmonize_file(args.input, harmonizer, args.out, gradcam_output=args.gradcam, series_uid=args.series,
+                                overwrite=args.overwrite, th_fail=args.th_fail, progress=progress)
+    slices = result.volume.shape[0]
+    print(f"wrote {args.out}: {slices} slices harmonized to {harmonizer.model.card.get('target_kernel')} in "
+          f"{result.seconds:.1f} s on {result.device} (batch {result.batch})")
+    if result.windows:
+        for name in ("input", "harmonized"):
+            w = result.windows[name]
+            span = w["hot_spot_window_hu"]
+            print(f"  Grad-CAM {name:<10}: discriminator says standard with p={w['standard_probability']:.2f}; "
+                  f"hot spots {100 * w['hot_fraction']:.1f} % of voxels" + (f", spanning [{span[0]:.0f}, {span[1]:.0f}] HU" if span else ""))
+        print(f"  maps and windows: {args.gradcam} (harmonized), its _input and _windows.json companions")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -224,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
     tr.set_defaults(func=cmd_train)
+
+    hz = sub.add_parser("harmonize", help="harmonize a CT volume with a trained model; optionally map Grad-CAM windows")
+    hz.add_argument("input", help="DICOM folder or file, NRRD, NIfTI or MetaImage")
+    hz.add_argument("--model", required=True, help="model folder made by `radiomicgan train`")
+    hz.add_argument("--out", required=True, help="output volume (same format as the input; a folder for a DICOM series)")
+    hz.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    hz.add_argument("--batch", type=_at_least(1), help="slices per batch (default 16 on CUDA, 1 on the CPU; halved automatically on out-of-memory)")
+    hz.add_argument("--gradcam", metavar="CAM_OUTPUT",
+                    help="also write the discriminator's Grad-CAM map of the result (.nrrd/.nii.gz/.mha), of the input "
+                         "(<name>_input), and the hot-spot windows (<name>_windows.json)")
+    hz.add_argument("--th-fail", type=float, default=0.5, help="CAM value that marks a hot spot (default 0.5)")
+    hz.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA; pays off on large volumes)")
+    hz.add_argument("--series", help="SeriesInstanceUID when the input folder holds several series")
+    hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    hz.set_defaults(func=cmd_harmonize)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")

@@ -47,7 +47,8 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
         models = _train_models(manifest_path, tmp / "models", epochs, steps_per_epoch, crop, seed)
 
         print(f"[3/4] harmonizing {held_out.id} with each model")
-        from .modelio import harmonize_hu, load_model
+        from .harmonize import harmonize_hu
+        from .modelio import load_model
 
         spacing = source.spacing[:2]
         images = {"input (B30)": source.hu}

@@ -377,15 +377,16 @@ def _atomic_sitk_write(image: sitk.Image, p: Path, suffix: str) -> Path:
     return p
 
 
-def write_label_map(labels: np.ndarray, like: CTVolume, path: str | os.PathLike) -> Path:
-    """A label map (uint8) on the grid of a volume, e.g. ROIs or the phantom's tissues."""
+def write_map(values: np.ndarray, like: CTVolume, path: str | os.PathLike, dtype=np.uint8) -> Path:
+    """A map on the grid of a volume: a label map (uint8: ROIs, the phantom's tissues) or a float map
+    (Grad-CAM), aligned voxel for voxel."""
     p = Path(path)
     suffix = image_suffix(p)
     if not suffix or not IMAGE_SUFFIXES[suffix]:
-        raise CTInputError(f"{p}: label maps are written as .nrrd, .nii, .nii.gz or .mha")
-    if np.shape(labels) != like.shape:
-        raise ValueError(f"label map shape {np.shape(labels)} differs from the volume's {like.shape}")
-    image = sitk.GetImageFromArray(np.asarray(labels, dtype=np.uint8))
+        raise CTInputError(f"{p}: maps are written as .nrrd, .nii, .nii.gz or .mha")
+    if np.shape(values) != like.shape:
+        raise ValueError(f"map shape {np.shape(values)} differs from the volume's {like.shape}")
+    image = sitk.GetImageFromArray(np.asarray(values, dtype=dtype))
     image.SetSpacing(like.spacing)
     image.SetOrigin(like.origin)
     image.SetDirection(like.direction)

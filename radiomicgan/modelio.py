@@ -3,7 +3,8 @@
 A model folder holds ``model.json`` (the card, machine-readable), ``MODEL_CARD.md`` (the same for people),
 ``weights.pt`` (state dicts of plain tensors: loaded with ``torch.load(..., weights_only=True)``; a file that
 needs code to unpickle is refused), and, for trained networks, ``checkpoint.pt`` (optimisers and schedule, to
-resume), ``train_log.jsonl``, the window history and Grad-CAM samples.
+resume), ``train_log.jsonl``, the window history and Grad-CAM samples. Harmonizing with a loaded model:
+``radiomicgan.harmonize``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import RadiomicGANError
-from .window import STANDARD_RANGE, carry_weight, from_unit, to_unit
+from .window import STANDARD_RANGE
 
 MODEL_FORMAT = "radiomicgan-model/1"
 CARD_NAME, CARD_MD, WEIGHTS_NAME, CHECKPOINT_NAME = "model.json", "MODEL_CARD.md", "weights.pt", "checkpoint.pt"
@@ -182,40 +183,3 @@ def _load_state(module, state, folder: Path, name: str) -> None:
             f"{folder}: {name} weights do not match the {module.__class__.__name__} architecture in the card "
             f"({first[0][:200]})"
         ) from None
-
-
-def run_generator(generator, unit, device: str = "cpu", batch: int = 8, autocast_dtype=None) -> np.ndarray:
-    """Window-scaled slices (N, H, W) through a generator, in batches, padded to its divisor."""
-    import torch
-
-    from .models import pad_to_multiple
-
-    out = np.empty_like(unit, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(unit), batch):
-            x = torch.from_numpy(np.ascontiguousarray(unit[start : start + batch], dtype=np.float32))[:, None].to(device)
-            x, (h, w) = pad_to_multiple(x, generator.divisor)
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
-                    y = generator(x)
-            else:
-                y = generator(x)
-            out[start : start + batch] = y[:, 0, :h, :w].float().cpu().numpy()
-    return out
-
-
-def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), device: str = "cpu", batch: int = 8) -> np.ndarray:
-    """HU slices (N, H, W) or one slice -> harmonized HU. Networks see the whole standardization range;
-    pixels beyond it are carried over from the input, blended so there is no seam."""
-    hu = np.asarray(hu, dtype=np.float32)
-    squeeze = hu.ndim == 2
-    stack = hu[None] if squeeze else hu
-    if model.baseline is not None:
-        out = model.baseline.harmonize(stack, spacing_xy)
-    else:
-        hu_range = model.hu_range
-        unit = to_unit(np.clip(stack, *hu_range), hu_range)
-        predicted = from_unit(run_generator(model.generator, unit, device, batch), hu_range)
-        weight = carry_weight(stack, hu_range)
-        out = weight * predicted + (1.0 - weight) * stack
-    return out[0] if squeeze else out

@@ -204,10 +204,12 @@ class PatchDiscriminator(nn.Module):
         return self.classifier(self.features(torch.cat([source, candidate], dim=1)))
 
 
-def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad (rows, cols) up to a multiple of ``divisor`` so any slice size fits the U-Net."""
+def pad_to_multiple(x: torch.Tensor, divisor: int, minimum: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (rows, cols) at the far edges up to a multiple of ``divisor`` (and at least ``minimum``) so any slice
+    size fits the network; reflect where the image is large enough, else replicate. Returns the original size."""
     h, w = x.shape[-2:]
-    ph, pw = (-h) % divisor, (-w) % divisor
+    ph, pw = max((-h) % divisor, minimum - h), max((-w) % divisor, minimum - w)
+    ph, pw = ph + (-(h + ph)) % divisor, pw + (-(w + pw)) % divisor
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = F.pad(x, (0, pw, 0, ph), mode=mode)

@@ -14,7 +14,7 @@ import numpy as np
 from . import __version__
 from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
-from .io import move_into_place, write_label_map, write_volume
+from .io import move_into_place, write_map, write_volume
 from .kernels import KernelPreset, get_preset, preset_for_tag, rekernel, simulate_kernels
 from .phantom import make_chest_phantom
 from .volume import CTMetadata, CTVolume
@@ -97,7 +97,7 @@ def simulate_phantom_pairs(
             names = [f"{case}_{source_preset.name}{suffix}", f"{case}_{target_preset.name}{suffix}", f"{case}_labels.nrrd"]
             write_volume(source, tmp / names[0])
             write_volume(target, tmp / names[1])
-            write_label_map(labels, source, tmp / names[2])
+            write_map(labels, source, tmp / names[2])
             entries.append(manifest_entry(case, names[0], names[1], source_preset.name, target_preset.name, names[2]))
             if progress:
                 progress(k + 1, cases)

@@ -38,7 +38,6 @@ from .modelio import (
     LoadedModel,
     atomic_torch_save,
     build_networks,
-    harmonize_hu,
     safe_load,
     write_card,
 )
@@ -226,6 +225,8 @@ def _versions() -> dict:
 
 def validation_psnr(model: LoadedModel, slices, spacing, device: str) -> tuple[float, float]:
     """Mean PSNR of harmonized and of input against target over whole validation slices."""
+    from .harmonize import harmonize_hu
+
     sources = np.stack([s for s, _ in slices]) if len({s.shape for s, _ in slices}) == 1 else None
     outs = harmonize_hu(model, sources, spacing, device) if sources is not None else [
         harmonize_hu(model, s, spacing, device) for s, _ in slices]

@@ -43,12 +43,12 @@ def apply_window(hu, window, hu_range=STANDARD_RANGE):
     return to_unit(clipped, hu_range)
 
 
-def carry_weight(hu: np.ndarray, hu_range=STANDARD_RANGE, margin: float = CARRY_MARGIN_HU) -> np.ndarray:
+def carry_weight(hu, hu_range=STANDARD_RANGE, margin: float = CARRY_MARGIN_HU):
     """1 where the model's output is used, 0 where the input is carried over (outside the range), with a
-    linear ramp of ``margin`` HU inside each edge so there is no seam. The lower edge is the air floor, where
-    nothing is carried, so only the upper edge ramps."""
+    linear ramp of ``margin`` HU inside the upper edge so there is no seam; below the air floor (padding outside
+    the field of view) the input is carried over. Works on numpy arrays and torch tensors."""
     lo, hi = hu_range
-    return np.clip((hi - np.asarray(hu, dtype=np.float32)) / margin, 0.0, 1.0) * (np.asarray(hu) >= lo - margin)
+    return ((hi - hu) / margin).clip(0.0, 1.0) * (hu >= lo - margin)
 
 
 @dataclass

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from radiomicgan.cli import main
-from radiomicgan.modelio import harmonize_hu, load_model
+from radiomicgan.harmonize import harmonize_hu
+from radiomicgan.modelio import load_model
 from radiomicgan.simulate import simulate_phantom_pairs
 from radiomicgan.train import TrainConfig, TrainingError, train
 
