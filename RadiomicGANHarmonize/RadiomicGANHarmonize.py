@@ -22,8 +22,10 @@ class RadiomicGANHarmonize(ScriptedLoadableModule):
         self.parent.contributors = ["RadiomicGAN developers"]
         self.parent.helpText = (
             "Harmonize CT images across reconstruction kernels so that radiomic features become reproducible "
-            "(RadiomicGAN, Selim et al.). This version re-kernels a loaded scan with calibrated kernel presets "
-            "(B10/B30/B50/B70-like); the input volume is never modified."
+            "(RadiomicGAN, Selim et al.): harmonize a loaded CT volume with a trained model, slice by slice on the "
+            "GPU when there is one, and see where the result still looks non-standard (Grad-CAM of the "
+            "discriminator). Also re-kernels a scan with calibrated presets (B10/B30/B50/B70-like). Input volumes "
+            "are never modified."
         )
         self.parent.acknowledgementText = (
             "Method: M. Selim et al., CT Image Harmonization for Enhancing Radiomics Studies. "
@@ -48,7 +50,36 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget):
             self.ui.sourceKernelComboBox.addItem(f"{name}: {preset.description}", name)
         self.ui.kernelComboBox.currentIndex = list(PRESETS).index("B50")
         self.ui.simulateButton.connect("clicked(bool)", self.onSimulate)
+        self.ui.harmonizeButton.connect("clicked(bool)", self.onHarmonize)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self._cancelRequested = False
         self.layout.addStretch(1)
+
+    def onCancel(self):
+        self._cancelRequested = True
+
+    def onHarmonize(self):
+        import qt
+
+        self._cancelRequested = False
+        self.ui.harmonizeButton.enabled, self.ui.cancelButton.enabled = False, True
+
+        def progress(done, total):
+            self.ui.progressBar.maximum, self.ui.progressBar.value = total, done
+            slicer.app.processEvents()
+
+        try:
+            with slicer.util.tryWithErrorDisplay("Harmonization failed.", waitCursor=True):
+                output, cam, windows = self.logic.harmonize(
+                    self.ui.inputSelector.currentNode(), self.ui.modelPathLineEdit.currentPath,
+                    device=self.ui.deviceComboBox.currentText, gradcam=self.ui.gradcamCheckBox.checked,
+                    progress=progress, cancel=lambda: self._cancelRequested,
+                )
+                slicer.util.setSliceViewerLayers(background=output, foreground=cam, foregroundOpacity=0.4 if cam else 0, fit=True)
+                self.ui.statusLabel.text = self.logic.describe(output, windows)
+        finally:
+            self.ui.harmonizeButton.enabled, self.ui.cancelButton.enabled = True, False
+            qt.QApplication.processEvents()
 
     def onSimulate(self):
         with slicer.util.tryWithErrorDisplay("Kernel simulation failed.", waitCursor=True):
@@ -78,7 +109,39 @@ def ensureDependencies(layout=None):
 
 
 class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
-    """Usable from the Python console: ``RadiomicGANHarmonizeLogic().simulateKernel(volumeNode, "B50")``."""
+    """Usable from the Python console::
+
+        logic = RadiomicGANHarmonizeLogic()
+        output, cam, windows = logic.harmonize(getNode("CT"), "/models/rgan")   # batch use: loop over nodes
+        sharp = logic.simulateKernel(getNode("CT"), "B70")
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._harmonizers = {}  # (model folder, device) -> loaded model, kept between calls
+
+    def harmonize(self, inputNode, modelDir, device="auto", batch=None, gradcam=True, progress=None, cancel=None, scene=None):
+        from radiomicgan.harmonize import Cancelled, Harmonizer
+        from RadiomicGANLib.mrml import harmonize_node
+
+        key = (str(modelDir), device)
+        if key not in self._harmonizers:
+            self._harmonizers[key] = Harmonizer(modelDir, device=device, batch=batch)
+        try:
+            return harmonize_node(scene or slicer.mrmlScene, inputNode, self._harmonizers[key], gradcam=gradcam,
+                                  progress=progress, cancel=cancel)
+        except Cancelled:
+            return None, None, None
+
+    @staticmethod
+    def describe(output, windows):
+        if output is None:
+            return "Cancelled; nothing added"
+        text = f"Created {output.GetName()}"
+        if windows:
+            before, after = windows["input"]["standard_probability"], windows["harmonized"]["standard_probability"]
+            text += f"; discriminator 'standard' probability {before:.2f} -> {after:.2f}"
+        return text
 
     def simulateKernel(self, inputNode, kernel, sourceKernel=None, seed=0, scene=None):
         from RadiomicGANLib.mrml import simulate_kernel_node

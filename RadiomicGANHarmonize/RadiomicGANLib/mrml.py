@@ -43,8 +43,9 @@ def volume_from_node(node, kernel: str | None = None) -> CTVolume:
     )
 
 
-def add_volume_node(scene, volume: CTVolume, name: str):
-    """A new scalar volume node holding ``volume`` (HU as int16, as CT is stored) in its LPS geometry."""
+def add_volume_node(scene, volume: CTVolume, name: str, dtype=np.int16):
+    """A new scalar volume node holding ``volume`` (HU as int16, as CT is stored, unless ``dtype`` says
+    otherwise) in its LPS geometry."""
     from slicer.util import updateVolumeFromArray
 
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
@@ -59,7 +60,8 @@ def add_volume_node(scene, volume: CTVolume, name: str):
             matrix.SetElement(r, c, ras[r, c])
         matrix.SetElement(r, 3, origin[r])
     node.SetIJKToRASMatrix(matrix)
-    updateVolumeFromArray(node, np.clip(np.rint(volume.hu), -32768, 32767).astype(np.int16))
+    voxels = np.clip(np.rint(volume.hu), -32768, 32767) if np.dtype(dtype).kind == "i" else volume.hu
+    updateVolumeFromArray(node, voxels.astype(dtype))
     if volume.meta.kernel:
         node.SetAttribute(KERNEL_ATTRIBUTE, volume.meta.kernel)
     node.CreateDefaultDisplayNodes()
@@ -77,3 +79,37 @@ def simulate_kernel_node(scene, input_node, kernel: str, source_kernel: str | No
     volume = volume_from_node(input_node)
     result = rekernel_volume(volume, kernel, source_kernel, seed=seed)
     return add_volume_node(scene, result, f"{input_node.GetName()}_{kernel}")
+
+
+def harmonize_node(scene, input_node, model, *, device: str = "auto", batch: int | None = None, gradcam: bool = False,
+                   th_fail: float = 0.5, progress=None, cancel=None):
+    """Harmonize a loaded volume with a model folder (or a ``Harmonizer`` kept between calls).
+
+    Returns (harmonized node, Grad-CAM node of the result or None, windows dict or None). Nodes are added only
+    after everything was computed, so a cancelled or failed run adds nothing to the scene.
+    """
+    from radiomicgan.harmonize import harmonize_volume
+
+    volume = volume_from_node(input_node)
+    result = harmonize_volume(volume, model, device=device, batch=batch, gradcam=gradcam, th_fail=th_fail,
+                              progress=progress, cancel=cancel)
+    target = result.windows["target_kernel"] if result.windows else "harmonized"
+    output = add_volume_node(scene, result.volume, f"{input_node.GetName()}_harmonized")
+    output.SetAttribute("RadiomicGAN.HarmonizedTo", str(target))
+    cam_node = None
+    if result.cam_output is not None:
+        cam_node = add_map_node(scene, result.cam_output, volume, f"{input_node.GetName()}_GradCAM")
+    return output, cam_node, result.windows
+
+
+def add_map_node(scene, values, like: CTVolume, name: str):
+    """A float map (e.g. Grad-CAM, 0..1) on the grid of ``like``, shown with a rainbow colour table when the
+    scene has Slicer's default colours."""
+    node = add_volume_node(scene, like.with_hu(values, kernel=""), name, dtype=np.float32)
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetWindowLevel(1.0, 0.5)
+        colour = scene.GetFirstNodeByName("Rainbow")
+        if colour is not None:
+            display.SetAndObserveColorNodeID(colour.GetID())
+    return node

@@ -15,7 +15,13 @@ from helpers import REPO, ramp_volume
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
 
 from RadiomicGANLib import dependencies  # noqa: E402
-from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, simulate_kernel_node, volume_from_node  # noqa: E402
+from RadiomicGANLib.mrml import (  # noqa: E402
+    KERNEL_ATTRIBUTE,
+    add_volume_node,
+    harmonize_node,
+    simulate_kernel_node,
+    volume_from_node,
+)
 
 from radiomicgan.simulate import phantom_pair  # noqa: E402
 from radiomicgan.volume import CTMetadata, CTVolume  # noqa: E402
@@ -73,6 +79,45 @@ def test_simulate_kernel_node_makes_a_new_node_and_keeps_the_input(scene):
     assert np.std(result - before.astype(float)) > 20  # a much sharper, noisier kernel
     assert out.GetAttribute(KERNEL_ATTRIBUTE) == "B70-sim"
     assert volume_from_node(out).same_geometry(volume_from_node(node))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from radiomicgan.simulate import simulate_phantom_pairs
+    from radiomicgan.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("slicer")
+    simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=1)
+    train(root / "pairs", root / "model", TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random",
+                                                      schedule="none", val_slices=1, device="cpu"), progress=False)
+    return root / "model"
+
+
+def test_harmonize_node_adds_result_and_gradcam_nodes(scene, model_dir):
+    source, _, _ = phantom_pair(size=32, slices=2, seed=4)
+    node = add_volume_node(scene, source, "scan")
+    before = slicer.util.arrayFromVolume(node).copy()
+    seen = []
+    out, cam, windows = harmonize_node(scene, node, model_dir, device="cpu", gradcam=True,
+                                       progress=lambda done, total: seen.append((done, total)))
+    assert out.GetName() == "scan_harmonized" and out.GetAttribute("RadiomicGAN.HarmonizedTo") == "B50"
+    assert volume_from_node(out).same_geometry(volume_from_node(node))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)
+    cam_values = slicer.util.arrayFromVolume(cam)
+    assert cam_values.dtype == np.float32 and cam_values.min() >= 0 and cam_values.max() <= 1
+    assert volume_from_node(cam).same_geometry(volume_from_node(node))
+    assert set(windows) >= {"input", "harmonized"} and seen[-1] == (2, 2)
+
+
+def test_cancelled_harmonize_adds_no_node(scene, model_dir):
+    from radiomicgan.harmonize import Cancelled
+
+    source, _, _ = phantom_pair(size=32, slices=2, seed=4)
+    node = add_volume_node(scene, source, "scan")
+    count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(Cancelled):
+        harmonize_node(scene, node, model_dir, device="cpu", cancel=lambda: True)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count
 
 
 def test_volume_from_node_rejects_empty_node(scene):
