@@ -151,6 +151,7 @@ class Harmonizer:
             chunk, event = pending
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
+                chunk.record_stream(torch.cuda.current_stream())  # allocated on the copy stream, used here
             pending = self._upload(stack, starts[index + 1], copy_stream) if index + 1 < len(starts) else None
             yield start, self._run_chunk(chunk, cancel)
 

@@ -155,6 +155,19 @@ def test_out_of_memory_halves_the_batch(model_dir, scan):
     assert "batch halved to 2" in harmonizer.notes[0]
 
 
+def test_out_of_memory_at_batch_one_moves_to_the_cpu(model_dir, scan):
+    """An accelerator that cannot fit even one slice: the work continues on the CPU, and says so. The
+    accelerator is stood in for by a second CPU device name, whose allocator always fails."""
+    reference = Harmonizer(model_dir, device="cpu", batch=1).harmonize(scan.hu)
+    harmonizer = Harmonizer(model_dir, device="cpu", batch=2)
+    harmonizer.device = "cpu:0"
+    harmonizer._network = _OutOfMemoryAbove(harmonizer.model.generator, limit=0)
+    with pytest.warns(UserWarning, match="continuing on the CPU"):
+        out = harmonizer.harmonize(scan.hu)
+    assert harmonizer.device == "cpu" and any("even at batch 1" in n for n in harmonizer.notes)
+    np.testing.assert_array_equal(out, reference)
+
+
 def test_out_of_memory_at_batch_one_on_the_cpu_is_a_clear_error(model_dir, scan):
     harmonizer = Harmonizer(model_dir, device="cpu", batch=2)
     harmonizer._network = _OutOfMemoryAbove(harmonizer.model.generator, limit=0)
