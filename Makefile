@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	# pyradiomics ships as an sdist that only builds against the installed numpy (no build isolation)
+	$(BIN)/python -m pip install --quiet numpy versioneer
+	$(BIN)/python -m pip install --quiet --no-build-isolation pyradiomics
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
@@ -22,6 +25,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_io_simulate.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_harmonize.py
+	$(BIN)/python bench/bench_radiomics.py
 
 clean:
 	rm -rf $(VENV) demo_output bench_output

@@ -180,11 +180,72 @@ def cmd_harmonize(args) -> int:
     return 0
 
 
+def _parse_range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition(":")
+    try:
+        lo_value, hi_value = float(lo), float(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected LO:HI in HU, e.g. -800:-300") from None
+    if not sep or hi_value <= lo_value:
+        raise argparse.ArgumentTypeError(f"'{text}': expected LO:HI with LO < HI")
+    return lo_value, hi_value
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .io import read_volume
+    from .report import format_counts, write_report
+    from .reproducibility import (
+        PAPER_RANGES,
+        body_slice_rois,
+        evaluate,
+        rois_from_boxes,
+        rois_from_labels,
+        sample_hu_rois,
+    )
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise RadiomicGANError(f"{out}: already exists and is not empty; refusing to overwrite")
+    reference = read_volume(args.reference)
+    candidates = {name: read_volume(path) for name, path in _kernel_pairs(args.candidate).items()}
+    if args.labels:
+        rois = rois_from_labels(read_volume(args.labels, check_hu=False), reference)
+    elif args.boxes:
+        try:
+            boxes = json.loads(Path(args.boxes).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RadiomicGANError(f"{args.boxes}: not a readable JSON list of boxes ({exc})") from None
+        rois = rois_from_boxes(boxes, reference)
+    else:
+        ranges = args.ranges or PAPER_RANGES
+        rois = sample_hu_rois(reference, ranges, args.per_range, args.roi_size, args.roi_slices, seed=args.seed)
+        for lo, hi in ranges:
+            found = sum(r.group == f"[{lo:g}, {hi:g}]" for r in rois)
+            if found < args.per_range:
+                print(f"radiomicgan: note: {found} of {args.per_range} ROIs found with mean HU in [{lo:g}, {hi:g}]", file=sys.stderr)
+        if args.whole_image:
+            rois += body_slice_rois(reference)
+    with tqdm(desc="radiomic features", unit="ROI", disable=not sys.stderr.isatty()) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        evaluation = evaluate(reference, candidates, rois, params=args.params, workers=args.workers, threshold=args.threshold,
+                              bootstrap=args.bootstrap, seed=args.seed, reference_name=args.reference_name, progress=progress)
+    write_report(evaluation, out, {args.reference_name: reference, **candidates}, overwrite=args.overwrite)
+    print(format_counts(evaluation.summary))
+    print(f"wrote {out / 'report.html'}, summary.json, ccc.csv, features.csv")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), size=args.size, slices=args.slices, seed=args.seed, epochs=args.epochs,
-             steps_per_epoch=args.steps_per_epoch, crop=args.crop)
+             steps_per_epoch=args.steps_per_epoch, crop=args.crop, roi_count=args.rois)
     return 0
 
 
@@ -267,6 +328,29 @@ def build_parser() -> argparse.ArgumentParser:
     hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     hz.set_defaults(func=cmd_harmonize)
 
+    ev = sub.add_parser("evaluate", help="radiomic reproducibility (CCC) and PSNR/SSIM of candidates against a reference")
+    ev.add_argument("--reference", required=True, help="the standard-kernel volume")
+    ev.add_argument("--candidate", required=True, action="append", metavar="NAME=FILE",
+                    help="a volume to compare (repeat): e.g. input=b30.nrrd radiomicgan=harmonized.nrrd")
+    ev.add_argument("--out", required=True, help="report folder (features.csv, ccc.csv, summary.json, report.html)")
+    rois = ev.add_mutually_exclusive_group()
+    rois.add_argument("--labels", help="label map on the reference's grid: each label is an ROI")
+    rois.add_argument("--boxes", help='JSON list of boxes in mm: [{"name": "n1", "min": [x, y, z], "max": [x, y, z]}]')
+    rois.add_argument("--ranges", type=_parse_range, nargs="+", metavar="LO:HI",
+                      help="HU ranges for random ROIs (default the paper's -800:-300 -100:250 300:800)")
+    ev.add_argument("--per-range", type=_at_least(3), default=20, help="random ROIs per HU range (default 20)")
+    ev.add_argument("--roi-size", type=_positive_float, default=10.0, help="in-plane size of random ROIs in mm (default 10)")
+    ev.add_argument("--roi-slices", type=_at_least(1), default=3, help="slices of random ROIs (default 3)")
+    ev.add_argument("--whole-image", action="store_true", help="also measure the whole body on every slice")
+    ev.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
+    ev.add_argument("--workers", type=_at_least(1), help="processes (default one per core)")
+    ev.add_argument("--threshold", type=float, default=0.85, help="CCC above which a feature is reproducible")
+    ev.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the ROIs for mean +- SD")
+    ev.add_argument("--reference-name", default="reference")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
@@ -275,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_at_least(1), default=12, help="training epochs (default 12, a few minutes on 2 cores)")
     demo.add_argument("--steps-per-epoch", type=_at_least(1), default=25)
     demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
+    demo.add_argument("--rois", type=_at_least(3), default=8, help="random ROIs per HU range for the CCC report (default 8)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

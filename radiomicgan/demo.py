@@ -3,7 +3,8 @@
 simulate -> train -> harmonize -> compare: phantom scans reconstructed with a smooth (B30) and a sharp (B50)
 kernel; RadiomicGAN trained with Dynamic Window-based Training on two of them, with the closed-form filter and
 Choe et al.'s CNN as baselines; the held-out scan harmonized by each; PSNR/SSIM against its real sharp-kernel
-reconstruction, and pictures. Radiomic reproducibility reports join when the evaluation step exists.
+reconstruction; radiomic reproducibility (pyradiomics features on ROIs in the paper's HU ranges and on the whole
+body per slice, Lin's CCC) in an HTML report; pictures.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LUNG_WINDOW = (-1200.0, 200.0)
 
 
 def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs: int = 12, steps_per_epoch: int = 25,
-             crop: int = 64) -> dict:
+             crop: int = 64, roi_count: int = 8) -> dict:
     """Writes into ``out`` (replacing only an earlier demo's output) and returns the summary."""
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise CTInputError(f"{out}: exists and was not made by the demo; refusing to overwrite (use --out)")
@@ -37,16 +38,16 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
     tmp.mkdir()
     try:
         (tmp / DEMO_MARKER).write_text("made by `radiomicgan demo`; safe to delete\n")
-        print(f"[1/4] simulating 3 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
+        print(f"[1/5] simulating 3 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
         manifest_path = simulate_phantom_pairs(tmp / "data", 3, size=size, slices=slices, seed=seed)
         held_out = load_manifest(manifest_path).pairs[-1]
         source, target = load_pair(held_out)
 
-        print(f"[2/4] training RadiomicGAN (dwt schedule, {epochs} epochs x {steps_per_epoch} steps) and the baselines "
+        print(f"[2/5] training RadiomicGAN (dwt schedule, {epochs} epochs x {steps_per_epoch} steps) and the baselines "
               f"on 2 scans; {held_out.id} is held out")
         models = _train_models(manifest_path, tmp / "models", epochs, steps_per_epoch, crop, seed)
 
-        print(f"[3/4] harmonizing {held_out.id} with each model")
+        print(f"[3/5] harmonizing {held_out.id} with each model")
         from .harmonize import harmonize_hu
         from .modelio import load_model
 
@@ -55,17 +56,28 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
         for name, folder in models.items():
             images[name] = harmonize_hu(load_model(folder), source.hu, spacing)
         rows = {name: {"psnr_db": psnr(target.hu, image), "ssim": ssim(target.hu, image)} for name, image in images.items()}
+
+        print("[4/5] radiomic reproducibility against the B50 reconstruction (pyradiomics, Lin's CCC)")
+        from .report import write_report
+        from .reproducibility import body_slice_rois, evaluate, sample_hu_rois
+
+        candidates = {name: source.with_hu(image) for name, image in images.items()}
+        rois = sample_hu_rois(target, per_range=roi_count, size_mm=8.0, slices=min(3, slices), seed=seed)
+        rois += body_slice_rois(target)
+        evaluation = evaluate(target, candidates, rois, bootstrap=50, seed=seed, reference_name="reference (B50)")
+        write_report(evaluation, tmp / "report", {"reference (B50)": target, **candidates})
         card = json.loads((models["RadiomicGAN"] / "model.json").read_text())
         summary = {
             "held_out_scan": held_out.id,
             "reference": "the same scan reconstructed with B50",
             "metrics_hu_range": [-1024, 3071],
             "results": rows,
+            "reproducibility": evaluation.summary["groups"],
             "radiomicgan": {"vgg_source": card["architecture"]["vgg_source"], "final_window": card.get("final_window"),
                             "window_history": card.get("window_history")},
         }
 
-        print("[4/4] plotting")
+        print("[5/5] plotting")
         _plot_results(images, target.hu, tmp / "harmonization.png")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         move_into_place(tmp, out, overwrite=True)
@@ -76,8 +88,12 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
     print(f"{'image':<22}{'PSNR (dB)':>10}{'SSIM':>8}")
     for name, row in rows.items():
         print(f"{name:<22}{row['psnr_db']:>10.2f}{row['ssim']:>8.4f}")
-    print(f"\nwrote {out / 'harmonization.png'}, {out / 'summary.json'}; models with their cards, window history "
-          f"and Grad-CAM samples in {out / 'models'}")
+    from .report import format_counts
+
+    print()
+    print(format_counts(evaluation.summary))
+    print(f"\nwrote {out / 'harmonization.png'}, {out / 'summary.json'}, the reproducibility report {out / 'report' / 'report.html'}; "
+          f"models with their cards, window history and Grad-CAM samples in {out / 'models'}")
     return summary
 
 

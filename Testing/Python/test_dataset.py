@@ -178,7 +178,7 @@ def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):
 
 def test_demo_runs_end_to_end_and_refuses_foreign_folder(tmp_path, capsys):
     out = tmp_path / "demo"
-    tiny = ["--size", "48", "--slices", "2", "--epochs", "2", "--steps-per-epoch", "2", "--crop", "32"]
+    tiny = ["--size", "48", "--slices", "6", "--epochs", "2", "--steps-per-epoch", "2", "--crop", "32", "--rois", "3"]
     assert main(["demo", "--out", str(out), *tiny]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"input (B30)", "RadiomicGAN", "filter baseline", "Choe et al. CNN"}
@@ -188,6 +188,7 @@ def test_demo_runs_end_to_end_and_refuses_foreign_folder(tmp_path, capsys):
     assert "random" in summary["radiomicgan"]["vgg_source"]  # offline here: said, not hidden
     assert (out / "harmonization.png").stat().st_size > 20_000
     assert (out / "models" / "radiomicgan" / "windows.png").is_file()
+    assert (out / "report" / "report.html").is_file() and summary["reproducibility"]
     printed = capsys.readouterr().out
     assert "Held-out scan case002" in printed and "randomly initialised encoder" in printed
     assert main(["demo", "--out", str(out), *tiny]) == 0  # reruns over its own output

@@ -1,0 +1,180 @@
+"""Reproducibility reports: features.csv (long format), ccc.csv (feature x candidate), summary.json and a
+self-contained report.html with the paper's tables and plots. CSVs use '.' decimals whatever the locale."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CTInputError
+from .reproducibility import Evaluation, feature_kind
+from .volume import CTVolume
+
+DISPLAY_WINDOW = (-800.0, 800.0)
+
+
+def write_report(evaluation: Evaluation, out: Path, volumes: dict[str, CTVolume], overwrite: bool = False) -> Path:
+    """Write the report folder atomically (complete or not at all); returns it."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _features_csv(evaluation, tmp / "features.csv")
+        _ccc_csv(evaluation, tmp / "ccc.csv")
+        (tmp / "summary.json").write_text(json.dumps(evaluation.summary, indent=2, default=_json_default) + "\n")
+        (tmp / "report.html").write_text(_html(evaluation, volumes))
+        from .io import move_into_place
+
+        move_into_place(tmp, out, overwrite=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def _number(value: float) -> str:
+    return "" if not np.isfinite(value) else repr(float(value))  # repr: '.' decimals, full precision, no locale
+
+
+def _features_csv(evaluation: Evaluation, path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["roi", "group", "image", "feature", "value"])
+        for image, matrix in evaluation.features.items():
+            for roi, row in zip(evaluation.rois, matrix):
+                for feature, value in zip(evaluation.feature_names, row):
+                    writer.writerow([roi.name, roi.group, image, feature, _number(value)])
+
+
+def _ccc_csv(evaluation: Evaluation, path: Path) -> None:
+    candidates = evaluation.summary["candidates"]
+    groups = sorted({g for g, _ in evaluation.ccc}, key=list(evaluation.summary["groups"]).index)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["group", "feature", "image_type", "feature_class", *candidates])
+        for group in groups:
+            for k, feature in enumerate(evaluation.feature_names):
+                image_type, feature_class = feature_kind(feature)
+                writer.writerow([group, feature, image_type, feature_class,
+                                 *[_number(evaluation.ccc[(group, c)][k]) for c in candidates]])
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _html(evaluation: Evaluation, volumes: dict[str, CTVolume]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = evaluation.summary
+    candidates = s["candidates"]
+    groups = [g for g, v in s["groups"].items() if "skipped" not in v]
+    esc = html.escape
+
+    # Table 1: reproducible features per ROI group (mean +- SD over bootstrap resamples of the ROIs)
+    rows = "".join(
+        f"<tr><th>{esc(c)}</th>" + "".join(
+            f"<td>{s['groups'][g][c]['bootstrap_mean']:.0f} &plusmn; {s['groups'][g][c]['bootstrap_sd']:.0f}"
+            f" <small>({s['groups'][g][c]['reproducible']}; {s['groups'][g][c]['excluded_undefined']} undefined)</small></td>"
+            for g in groups) + "</tr>" for c in candidates)
+    header = "".join(f"<th>{esc(g)} <small>({s['groups'][g]['rois']} ROIs)</small></th>" for g in groups)
+    table1 = f"<table><tr><th>image</th>{header}</tr>{rows}</table>" if groups else "<p>No ROI group had the 3 ROIs CCC needs.</p>"
+    table2 = "<table><tr><th>image</th><th>PSNR (dB)</th><th>SSIM</th><th>PSNR in body (dB)</th><th>SSIM in body</th></tr>" + "".join(
+        f"<tr><th>{esc(c)}</th><td>{m['psnr_db']:.2f}</td><td>{m['ssim']:.4f}</td><td>{m['psnr_body_db']:.2f}</td><td>{m['ssim_body']:.4f}</td></tr>"
+        for c, m in s["image_metrics"].items()) + "</table>"
+
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.2 * max(1, len(groups)), 3.4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for c in candidates:
+            values = evaluation.ccc[(group, c)]
+            ax.hist(values[np.isfinite(values)].clip(-1, 1), bins=40, range=(-1, 1), histtype="step", label=c)
+        ax.axvline(s["threshold"], color="k", ls="--", lw=0.8)
+        ax.set_title(f"CCC, ROIs in {group}", fontsize=9)
+        ax.set_xlabel("Lin's CCC")
+    axes[0][0].set_ylabel("features")
+    axes[0][-1].legend(fontsize=7)
+    histograms = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(groups)), 3.4))
+    width = 0.8 / max(1, len(candidates))
+    for k, c in enumerate(candidates):
+        means = [s["groups"][g][c]["bootstrap_mean"] for g in groups]
+        sds = [s["groups"][g][c]["bootstrap_sd"] for g in groups]
+        ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=sds, label=c, capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=8)
+    ax.set_ylabel(f"reproducible features (CCC > {s['threshold']})")
+    ax.legend(fontsize=7)
+    counts = _png(fig)
+
+    names = [s["reference"], *candidates]
+    reference = volumes[s["reference"]]
+    k = reference.shape[0] // 2
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.imshow(volumes[name].hu[k], cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1])
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    for roi in evaluation.rois:
+        z0, z1, y0, y1, x0, x1 = roi.box
+        if z0 <= k < z1 and roi.group != "whole image":
+            axes[0][0].add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, color="lime"))
+    panels = _png(fig)
+
+    skipped = "".join(f"<li>{esc(r['roi'])}: {esc(r['reason'])}</li>" for r in s["rois_skipped"])
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>RadiomicGAN reproducibility report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}small{{color:#666}}</style></head><body>
+<h1>Radiomic reproducibility against {esc(s['reference'])}</h1>
+<p>{s['features']} pyradiomics features per ROI ({s['rois']} ROIs); a feature is reproducible when Lin's CCC between a
+candidate and the reference over the ROIs of a group exceeds {s['threshold']}. Counts are mean &plusmn; SD over
+{s['bootstrap_resamples']} bootstrap resamples of the ROIs (the count on all ROIs in brackets).
+{esc(s['zero_variance_rule'])}.</p>
+<h2>Reproducible features per ROI group (paper Table 1)</h2>{table1}<img src="{counts}">
+<h2>CCC distributions</h2><img src="{histograms}">
+<h2>Image similarity (paper Table 2)</h2><p>HU clipped to [-1024, 3071]; "body" is the patient outline of the reference.</p>{table2}
+<h2>Images</h2><p>Slice {k}, display window [{DISPLAY_WINDOW[0]:.0f}, {DISPLAY_WINDOW[1]:.0f}] HU; ROI boxes on the reference.</p><img src="{panels}">
+{f'<h2>ROIs not measured</h2><ul>{skipped}</ul>' if skipped else ''}
+<h2>Provenance</h2><p>pyradiomics {esc(str(s['pyradiomics_version']))}, parameters {esc(s['params_file'])}, seed {s['seed']}.</p>
+<pre>{esc(Path(s['params_file']).read_text()) if Path(s['params_file']).is_file() else ''}</pre>
+</body></html>
+"""
+
+
+def format_counts(summary: dict) -> str:
+    """The paper's Table 1 (reproducible features per ROI group) and Table 2 (PSNR, SSIM) as text."""
+    groups = [g for g, v in summary["groups"].items() if "skipped" not in v]
+    lines = [f"Reproducible features (CCC > {summary['threshold']}) of {summary['features']}, mean +- SD over ROI bootstrap:"]
+    lines.append(f"{'image':<22}" + "".join(f"{g:>20}" for g in groups) + f"{'PSNR (dB)':>11}{'SSIM':>8}")
+    for c in summary["candidates"]:
+        cells = "".join(f"{summary['groups'][g][c]['bootstrap_mean']:>12.0f} +- {summary['groups'][g][c]['bootstrap_sd']:<4.0f}" for g in groups)
+        m = summary["image_metrics"][c]
+        lines.append(f"{c:<22}{cells}{m['psnr_db']:>11.2f}{m['ssim']:>8.4f}")
+    for g, v in summary["groups"].items():
+        if "skipped" in v:
+            lines.append(f"  group {g}: {v['skipped']}")
+    return "\n".join(lines)

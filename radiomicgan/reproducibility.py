@@ -1,0 +1,358 @@
+"""Radiomic reproducibility: pyradiomics features on ROIs of a reference (standard-kernel) volume and of
+candidate volumes, Lin's concordance correlation coefficient per feature over ROIs, and the count of
+reproducible features (CCC > 0.85), as the paper counts them.
+
+Zero-variance rule: a feature constant over the ROIs of a group in both the reference and the candidate has no
+defined CCC (0/0); it is excluded from that group's count and the number excluded is reported. Constant in one
+only gives CCC 0 (not reproducible). Features pyradiomics could not compute (NaN) are excluded the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import CTInputError, RadiomicGANError
+from .volume import CTVolume
+
+DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "Resources" / "radiomics_ct.yaml"
+PAPER_RANGES = ((-800.0, -300.0), (-100.0, 250.0), (300.0, 800.0))
+CCC_THRESHOLD = 0.85
+
+
+class EvaluationError(RadiomicGANError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- CCC
+
+
+def lins_ccc(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Lin's CCC per column (feature) over rows (ROIs), population (1/N) moments; NaN where both columns are
+    constant (undefined)."""
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(candidate, dtype=np.float64)
+    if a.ndim == 1:
+        a, b = a[:, None], b[:, None]
+    ma, mb = a.mean(axis=0), b.mean(axis=0)
+    va, vb = a.var(axis=0), b.var(axis=0)
+    cov = ((a - ma) * (b - mb)).mean(axis=0)
+    denominator = va + vb + (ma - mb) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ccc = np.where(denominator > 0, 2.0 * cov / denominator, np.nan)
+    both_constant = (va <= 1e-12 * np.maximum(1.0, ma**2)) & (vb <= 1e-12 * np.maximum(1.0, mb**2))
+    ccc[both_constant] = np.nan
+    return ccc
+
+
+def count_reproducible(ccc: np.ndarray, threshold: float = CCC_THRESHOLD) -> tuple[int, int]:
+    """(features with CCC > threshold, features excluded because their CCC is undefined)."""
+    ccc = np.asarray(ccc)
+    defined = np.isfinite(ccc)
+    return int(np.sum(ccc[defined] > threshold)), int(np.sum(~defined))
+
+
+def bootstrap_counts(reference: np.ndarray, candidate: np.ndarray, threshold: float = CCC_THRESHOLD,
+                     resamples: int = 100, seed: int = 0) -> tuple[float, float]:
+    """Mean and SD of the reproducible count over bootstrap resamples of the ROIs (the paper's mean +- SD)."""
+    rng = np.random.default_rng(seed)
+    n = len(reference)
+    counts = []
+    for _ in range(resamples):
+        pick = rng.integers(0, n, n)
+        counts.append(count_reproducible(lins_ccc(reference[pick], candidate[pick]), threshold)[0])
+    return float(np.mean(counts)), float(np.std(counts))
+
+
+# ---------------------------------------------------------------------------------------------- ROIs
+
+
+@dataclass
+class ROI:
+    """A region as a bounding box (z0, z1, y0, y1, x0, x1) and the mask inside it."""
+
+    name: str
+    group: str
+    box: tuple[int, int, int, int, int, int]
+    mask: np.ndarray = field(repr=False)
+
+    @property
+    def voxels(self) -> int:
+        return int(self.mask.sum())
+
+
+def _roi_from_mask(name: str, group: str, mask: np.ndarray) -> ROI | None:
+    where = np.nonzero(mask)
+    if not where[0].size:
+        return None
+    lo = [int(w.min()) for w in where]
+    hi = [int(w.max()) + 1 for w in where]
+    box = (lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
+    return ROI(name, group, box, mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
+
+
+def rois_from_labels(labels: CTVolume, like: CTVolume) -> list[ROI]:
+    """Each non-zero label value of a label map on the reference's grid is one ROI."""
+    if not labels.same_geometry(like):
+        raise EvaluationError(f"{labels.source}: label map geometry differs from the reference {like.source}")
+    values = np.rint(labels.hu).astype(np.int64)
+    rois = []
+    for value in np.unique(values[values != 0]):
+        rois.append(_roi_from_mask(f"label{value}", "labels", values == value))
+    if not rois:
+        raise EvaluationError(f"{labels.source}: the label map is empty (no non-zero label)")
+    return rois
+
+
+def rois_from_boxes(boxes: list[dict], like: CTVolume) -> list[ROI]:
+    """Boxes in physical (LPS, mm) coordinates: {"name": ..., "min": [x, y, z], "max": [x, y, z]}."""
+    inverse = np.linalg.inv(like.direction_matrix * np.asarray(like.spacing)[None, :])
+    rois = []
+    for k, box in enumerate(boxes):
+        try:
+            corners = [np.asarray(box["min"], float), np.asarray(box["max"], float)]
+        except (KeyError, TypeError, ValueError):
+            raise EvaluationError(f"box {k}: needs 'min' and 'max' as [x, y, z] in mm") from None
+        index = [inverse @ (c - np.asarray(like.origin)) for c in corners]  # (i, j, k) = (x, y, z) indices
+        lo = np.floor(np.minimum(*index) + 0.5).astype(int)
+        hi = np.floor(np.maximum(*index) + 0.5).astype(int) + 1
+        lo = np.maximum(lo, 0)
+        hi = np.minimum(hi, [like.shape[2], like.shape[1], like.shape[0]])
+        if np.any(hi <= lo):
+            raise EvaluationError(f"box {k} ({box.get('name', '')}): outside the image")
+        mask = np.ones((hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]), dtype=bool)
+        rois.append(ROI(str(box.get("name", f"box{k}")), "boxes", (lo[2], hi[2], lo[1], hi[1], lo[0], hi[0]), mask))
+    return rois
+
+
+def sample_hu_rois(reference: CTVolume, ranges: Sequence[tuple[float, float]] = PAPER_RANGES, per_range: int = 20,
+                   size_mm: float = 10.0, slices: int = 3, seed: int = 0, attempts: int = 20000) -> list[ROI]:
+    """Random box ROIs whose mean HU on the reference lies in each range (membership is decided on the
+    reference, so every candidate is measured on the same ROIs); non-overlapping within a range."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = reference.shape
+    sz = min(slices, nz)
+    sy = max(3, int(round(size_mm / reference.spacing[1])))
+    sx = max(3, int(round(size_mm / reference.spacing[0])))
+    if sy > ny or sx > nx:
+        raise EvaluationError(f"{reference.source}: image smaller than a {size_mm} mm ROI")
+    rois = []
+    for lo, hi in ranges:
+        group = f"[{lo:g}, {hi:g}]"
+        found, taken = 0, np.zeros(reference.shape, dtype=bool)
+        for _ in range(attempts):
+            if found >= per_range:
+                break
+            z, y, x = rng.integers(0, nz - sz + 1), rng.integers(0, ny - sy + 1), rng.integers(0, nx - sx + 1)
+            box = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
+            if lo <= float(reference.hu[box].mean()) <= hi and not taken[box].any():
+                taken[box] = True
+                found += 1
+                rois.append(ROI(f"{group} #{found}", group, (z, z + sz, y, y + sy, x, x + sx), np.ones((sz, sy, sx), bool)))
+    return rois
+
+
+def body_mask(reference: CTVolume, threshold: float = -500.0) -> np.ndarray:
+    """The patient: voxels above ``threshold`` HU, holes (lungs) filled slice by slice, largest component."""
+    from scipy import ndimage
+
+    mask = reference.hu > threshold
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    labels, count = ndimage.label(filled)
+    if count > 1:
+        sizes = ndimage.sum(filled, labels, range(1, count + 1))
+        filled = labels == (1 + int(np.argmax(sizes)))
+    return filled
+
+
+def body_slice_rois(reference: CTVolume) -> list[ROI]:
+    """The whole body on each slice: the paper's whole-image level, one ROI per slice."""
+    body = body_mask(reference)
+    rois = []
+    for k in range(reference.shape[0]):
+        mask = np.zeros_like(body)
+        mask[k] = body[k]
+        roi = _roi_from_mask(f"slice {k}", "whole image", mask)
+        if roi is not None:
+            rois.append(roi)
+    return rois
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+_WORKER: dict = {}
+
+
+def _init_worker(volumes: dict, params: str) -> None:
+    from radiomics import featureextractor
+
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    _WORKER["volumes"] = volumes
+    _WORKER["extractor"] = featureextractor.RadiomicsFeatureExtractor(params)
+
+
+def _margin_voxels(spacing, params_margin_mm: float) -> tuple[int, int, int]:
+    return tuple(int(np.ceil(params_margin_mm / s)) for s in (spacing[2], spacing[1], spacing[0]))
+
+
+def _extract(task: tuple[str, int, ROI]) -> tuple[str, int, dict]:
+    """Features of one ROI of one image, on a crop around the ROI (filters then see the ROI's neighbourhood
+    only, the way pyradiomics' preCrop works, without a whole-image mask per ROI)."""
+    import SimpleITK as sitk
+
+    image_name, roi_index, roi = task
+    hu, spacing, origin, direction = _WORKER["volumes"][image_name]
+    margin = _margin_voxels(spacing, 15.0)
+    z0, z1, y0, y1, x0, x1 = roi.box
+    lo = [max(0, z0 - margin[0]), max(0, y0 - margin[1]), max(0, x0 - margin[2])]
+    hi = [min(hu.shape[0], z1 + margin[0]), min(hu.shape[1], y1 + margin[1]), min(hu.shape[2], x1 + margin[2])]
+    crop = hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    mask = np.zeros(crop.shape, np.uint8)
+    mask[z0 - lo[0] : z1 - lo[0], y0 - lo[1] : y1 - lo[1], x0 - lo[2] : x1 - lo[2]] = roi.mask
+    d = np.asarray(direction).reshape(3, 3)
+    crop_origin = np.asarray(origin) + d @ (np.array([lo[2], lo[1], lo[0]]) * np.asarray(spacing))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(crop, dtype=np.float32))
+    for im in (image,):
+        im.SetSpacing(spacing)
+        im.SetOrigin(tuple(crop_origin))
+        im.SetDirection(tuple(direction))
+    mask_image = sitk.GetImageFromArray(mask)
+    mask_image.CopyInformation(image)
+    try:
+        result = _WORKER["extractor"].execute(image, mask_image)
+        features = {k: float(v) for k, v in result.items() if not k.startswith("diagnostics")}
+    except (ValueError, RuntimeError) as exc:  # e.g. an ROI too small for a filter or a texture matrix
+        features = {"_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return image_name, roi_index, features
+
+
+def extract_features(volumes: dict[str, CTVolume], rois: list[ROI], params: str | os.PathLike | None = None,
+                     workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """{image name: [features dict per ROI]} for every volume, in ``workers`` processes (default: one per core)."""
+    params = str(params or DEFAULT_PARAMS)
+    if not Path(params).is_file():
+        raise EvaluationError(f"{params}: pyradiomics parameter file not found")
+    packed = {name: (v.hu, v.spacing, v.origin, v.direction) for name, v in volumes.items()}
+    tasks = [(name, k, roi) for name in volumes for k, roi in enumerate(rois)]
+    out = {name: [None] * len(rois) for name in volumes}
+    workers = workers or os.cpu_count() or 1
+    done = 0
+    if workers == 1:
+        _init_worker(packed, params)
+        iterator = map(_extract, tasks)
+        pool = None
+    else:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(packed, params))
+        iterator = pool.map(_extract, tasks, chunksize=max(1, len(tasks) // (8 * workers)))
+    try:
+        for name, k, features in iterator:
+            out[name][k] = features
+            done += 1
+            if progress:
+                progress(done, len(tasks))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return out
+
+
+def feature_matrix(per_roi: list[dict], names: list[str]) -> np.ndarray:
+    return np.array([[row.get(n, np.nan) for n in names] for row in per_roi], dtype=np.float64)
+
+
+def feature_kind(name: str) -> tuple[str, str]:
+    """('original' | 'log-sigma-1-0-mm-3D' | 'wavelet-LLH' | ..., 'glcm' | 'firstorder' | ...)."""
+    parts = name.split("_")
+    return parts[0], parts[1] if len(parts) > 2 else ""
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class Evaluation:
+    reference_name: str
+    feature_names: list[str]
+    rois: list[ROI]
+    features: dict  # image name -> (n_rois, n_features)
+    ccc: dict  # (group, candidate) -> (n_features,)
+    summary: dict
+
+
+def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[ROI], *, params=None, workers=None,
+             threshold: float = CCC_THRESHOLD, bootstrap: int = 100, seed: int = 0, reference_name: str = "reference",
+             progress: Callable[[int, int], None] | None = None) -> Evaluation:
+    """Features on every ROI of the reference and of each candidate; CCC per ROI group and candidate."""
+    import radiomics
+
+    from .metrics import psnr, ssim
+
+    if not candidates:
+        raise EvaluationError("no candidate to compare with the reference")
+    for name, volume in candidates.items():
+        if not volume.same_geometry(reference):
+            raise EvaluationError(f"candidate '{name}' ({volume.source}): geometry differs from the reference "
+                                  f"(shape {volume.shape} vs {reference.shape}, spacing {volume.spacing} vs {reference.spacing})")
+    if not rois:
+        raise EvaluationError("no ROI to measure (check the label map, boxes or HU ranges)")
+    volumes = {reference_name: reference, **candidates}
+    raw = extract_features(volumes, rois, params, workers, progress)
+    failed = {k: rows[k]["_error"] for rows in raw.values() for k in range(len(rois)) if "_error" in rows[k]}
+    keep = [k for k in range(len(rois)) if k not in failed]
+    if not keep:
+        raise EvaluationError(f"no ROI could be measured: {next(iter(failed.values()))}")
+    names = [n for n in raw[reference_name][keep[0]] if not n.startswith("_")]
+    kept_rois = [rois[k] for k in keep]
+    features = {image: feature_matrix([rows[k] for k in keep], names) for image, rows in raw.items()}
+    groups = sorted({r.group for r in kept_rois}, key=lambda g: [r.group for r in kept_rois].index(g))
+    ccc, table = {}, {}
+    for group in groups:
+        rows = np.array([r.group == group for r in kept_rois])
+        if rows.sum() < 3:
+            table[group] = {"skipped": f"only {int(rows.sum())} ROI(s); CCC needs at least 3"}
+            continue
+        ref = features[reference_name][rows]
+        table[group] = {"rois": int(rows.sum())}
+        for name in candidates:
+            values = lins_ccc(ref, features[name][rows])
+            ccc[(group, name)] = values
+            count, excluded = count_reproducible(values, threshold)
+            mean, sd = bootstrap_counts(ref, features[name][rows], threshold, bootstrap, seed) if bootstrap else (float(count), 0.0)
+            by_class, by_type = {}, {}
+            for feature, value in zip(names, values):
+                image_type, feature_class = feature_kind(feature)
+                for bucket, key in ((by_class, feature_class), (by_type, image_type.split("-")[0])):
+                    entry = bucket.setdefault(key, [0, 0])
+                    entry[1] += int(np.isfinite(value))
+                    entry[0] += int(np.isfinite(value) and value > threshold)
+            table[group][name] = {"reproducible": count, "excluded_undefined": excluded, "bootstrap_mean": mean,
+                                  "bootstrap_sd": sd, "by_class": by_class, "by_image_type": by_type}
+    body = body_mask(reference)
+    images = {name: {"psnr_db": psnr(reference.hu, v.hu), "ssim": ssim(reference.hu, v.hu),
+                     "psnr_body_db": psnr(reference.hu, v.hu, mask=body), "ssim_body": ssim(reference.hu, v.hu, mask=body)}
+              for name, v in candidates.items()}
+    summary = {
+        "reference": reference_name,
+        "candidates": list(candidates),
+        "features": len(names),
+        "threshold": threshold,
+        "zero_variance_rule": "features constant over a group's ROIs in both images have no CCC: excluded and counted",
+        "rois": len(kept_rois),
+        "rois_skipped": [{"roi": rois[k].name, "reason": reason} for k, reason in failed.items()],
+        "groups": table,
+        "image_metrics": images,
+        "bootstrap_resamples": bootstrap,
+        "seed": seed,
+        "pyradiomics_version": radiomics.__version__,
+        "params_file": str(params or DEFAULT_PARAMS),
+    }
+    return Evaluation(reference_name, names, kept_rois, features, ccc, summary)
