@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# pyradiomics ships as an sdist that only builds against the installed numpy (no build isolation)
-	$(BIN)/python -m pip install --quiet numpy versioneer
+	$(BIN)/python -m pip install --quiet numpy versioneer setuptools wheel
 	$(BIN)/python -m pip install --quiet --no-build-isolation pyradiomics
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@

@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from radiomicgan.io import read_volume, write_volume
 from radiomicgan.kernels import PRESETS, rekernel, simulate_kernels

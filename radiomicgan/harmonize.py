@@ -26,7 +26,7 @@ import numpy as np
 from .errors import CTInputError, RadiomicGANError
 from .io import check_output_path, image_suffix, read_volume, write_map, write_volume
 from .kernels import preset_for_tag
-from .modelio import LoadedModel, load_model
+from .modelio import LoadedModel, load_model, resolve_device
 from .volume import CTVolume
 from .window import select_window
 
@@ -49,16 +49,6 @@ class HarmonizeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CTInputError(f"device {name} requested but CUDA is not available here; use --device cpu")
-    return name
-
-
 class Harmonizer:
     """A loaded model ready to harmonize HU stacks. Reuse one for many volumes (loading and compiling once)."""
 
@@ -67,7 +57,7 @@ class Harmonizer:
         """``batch`` None: 16 slices on CUDA, 1 on the CPU (where batching does not pay, measured)."""
         import torch
 
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, "cpu")
         self.batch = max(1, int(batch)) if batch else (16 if self.device.startswith("cuda") else 1)
         self.notes: list[str] = []

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .errors import RadiomicGANError
 from .window import STANDARD_RANGE
@@ -30,6 +29,17 @@ METHODS = (*NETWORK_METHODS, "filter", "histmatch")
 
 class ModelError(RadiomicGANError):
     """A model folder that is missing, malformed, or does not match its architecture."""
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> CUDA when there is one, else the CPU; a CUDA request without CUDA is a clear error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RadiomicGANError(f"device {name} requested but CUDA is not available here; use --device cpu")
+    return name
 
 
 def build_networks(card: dict):

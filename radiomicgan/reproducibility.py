@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import CTInputError, RadiomicGANError
+from .errors import RadiomicGANError
 from .volume import CTVolume
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "Resources" / "radiomics_ct.yaml"

@@ -38,6 +38,7 @@ from .modelio import (
     LoadedModel,
     atomic_torch_save,
     build_networks,
+    resolve_device,
     safe_load,
     write_card,
 )
@@ -90,16 +91,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {name} requested but CUDA is not available here; use --device cpu")
-    return name
 
 
 class Cancel:
