@@ -22,7 +22,8 @@ class RadiomicGANTrain(ScriptedLoadableModule):
         self.parent.contributors = ["RadiomicGAN developers"]
         self.parent.helpText = (
             "Make paired CT data (one scan, two reconstruction kernels) from a procedural chest phantom with "
-            "calibrated kernel presets: the training data for RadiomicGAN when real pairs are scarce."
+            "calibrated kernel presets, and compare radiomic features of volumes on ROIs of a label map (Lin's "
+            "CCC, reproducible feature counts, PSNR/SSIM). Training runs from the command line (radiomicgan train)."
         )
         self.parent.acknowledgementText = "Method: M. Selim et al., CT Image Harmonization for Enhancing Radiomics Studies."
 
@@ -39,6 +40,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget):
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/RadiomicGANTrain.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RadiomicGANTrainLogic()
         for name, preset in PRESETS.items():
             self.ui.sourceKernelComboBox.addItem(f"{name}: {preset.description}", name)
@@ -46,6 +48,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.sourceKernelComboBox.currentIndex = list(PRESETS).index("B30")
         self.ui.targetKernelComboBox.currentIndex = list(PRESETS).index("B50")
         self.ui.makePairsButton.connect("clicked(bool)", self.onMakePairs)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.layout.addStretch(1)
 
     def onMakePairs(self):
@@ -71,8 +74,30 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget):
                 progress.close()
 
 
+    def onCompare(self):
+        with slicer.util.tryWithErrorDisplay("Radiomics comparison failed.", waitCursor=True):
+            candidates = {n.GetName(): n for n in (self.ui.candidateASelector.currentNode(), self.ui.candidateBSelector.currentNode()) if n}
+            table = self.logic.compareRadiomics(self.ui.referenceSelector.currentNode(), candidates, self.ui.roiSelector.currentNode())
+            layoutManager = slicer.app.layoutManager()
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            self.ui.statusLabel.text = f"Created {table.GetName()}"
+
+
 class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
-    """Usable from the Python console: ``RadiomicGANTrainLogic().makePhantomPairs("/data/pairs", cases=4)``."""
+    """Usable from the Python console::
+
+        logic = RadiomicGANTrainLogic()
+        logic.makePhantomPairs("/data/pairs", cases=4)
+        table = logic.compareRadiomics(getNode("B50"), {"B30": getNode("B30"), "harmonized": getNode("H")}, getNode("rois"))
+    """
+
+    def compareRadiomics(self, referenceNode, candidateNodes, roiNode, params=None, scene=None):
+        from RadiomicGANLib.mrml import compare_radiomics_nodes
+
+        table, _ = compare_radiomics_nodes(scene or slicer.mrmlScene, referenceNode, candidateNodes, roiNode, params=params)
+        return table
 
     def makePhantomPairs(self, outDir, cases=4, size=256, slices=16, sourceKernel="B30", targetKernel="B50", seed=0, progress=None):
         from radiomicgan.simulate import simulate_phantom_pairs
