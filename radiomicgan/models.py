@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import RadiomicGANError
+
 # VGG-19 ``features`` indices of the paper's four conv groups (conv1_1..conv1_2, ..., conv4_1..conv4_4),
 # each with its ReLUs; the max-pools between groups are applied in front of groups 2-4.
 VGG19_GROUPS = ((0, 4), (5, 9), (10, 18), (19, 27))
@@ -21,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class VGGWeightsError(ValueError):
+class VGGWeightsError(RadiomicGANError, ValueError):
     """The pretrained encoder's weights could not be had (offline, or a wrong file)."""
 
 

@@ -243,9 +243,17 @@ def train(
     config.check()
     manifest = load_manifest(pairs)
     out = Path(out)
-    if config.method in ("filter", "histmatch"):
-        return _fit_closed_form(manifest, out, config, resume)
-    return _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
+    created = not out.exists()
+    try:
+        if config.method in ("filter", "histmatch"):
+            return _fit_closed_form(manifest, out, config, resume)
+        return _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
+    except BaseException:
+        if created and out.is_dir() and not (out / CARD_NAME).exists():  # failed before any model existed
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:

@@ -156,6 +156,17 @@ def test_cancel_before_any_epoch_leaves_nothing(pairs, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_offline_imagenet_request_fails_clearly_and_leaves_nothing(pairs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    from torchvision.models import VGG19_Weights
+
+    # offline wherever the test runs: the download points at a file that does not exist
+    monkeypatch.setattr(VGG19_Weights.IMAGENET1K_V1.value, "url", "file:///nonexistent/vgg19-dcbb9e9d.pth")
+    assert main(["train", "--pairs", str(pairs), "--out", str(tmp_path / "m"), "--epochs", "1"]) == 2
+    assert "ImageNet VGG-19 weights" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_train_command(pairs, tmp_path, capsys):
     assert main(["train", "--pairs", str(pairs), "--out", str(tmp_path / "f"), "--method", "filter"]) == 0
     assert "validation PSNR input" in capsys.readouterr().out
