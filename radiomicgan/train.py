@@ -486,20 +486,27 @@ def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
     return {"loss_g": loss_g.item(), "loss_d": loss_d.item(), "l1": l1.item(), "l1_input": l1_input, "accuracy": accuracy}
 
 
-def _dynamic_selection(generator, discriminator, sampler, config, device):
-    """Grad-CAM of the frozen discriminator on synthesized images of a random subset P of training slices."""
+def synthesize_with_cam(generator, discriminator, source_hu: np.ndarray, hu_range, device) -> tuple[np.ndarray, np.ndarray]:
+    """Synthesized HU slices and the frozen discriminator's Grad-CAM maps of them, for same-size source slices."""
     import torch
 
     from .gradcam import gradcam_nonstandard
+    from .models import pad_to_multiple
     from .window import from_unit, to_unit
 
     generator.eval()
-    source, _ = sampler.sample(config.cam_subset)
-    x = torch.from_numpy(to_unit(np.clip(source, *config.hu_range), config.hu_range))[:, None].to(device)
+    x = torch.from_numpy(to_unit(np.clip(source_hu, *hu_range), hu_range).astype(np.float32))[:, None].to(device)
     with torch.no_grad():
-        fake = generator(x)
+        padded, (h, w) = pad_to_multiple(x, generator.divisor)
+        fake = generator(padded)[..., :h, :w]
     cams = gradcam_nonstandard(discriminator, x, fake)[:, 0].cpu().numpy()
-    hu = from_unit(fake[:, 0].float().cpu().numpy(), config.hu_range)
+    return from_unit(fake[:, 0].float().cpu().numpy(), hu_range), cams
+
+
+def _dynamic_selection(generator, discriminator, sampler, config, device):
+    """Grad-CAM of the frozen discriminator on synthesized images of a random subset P of training slices."""
+    source, _ = sampler.sample(config.cam_subset)
+    hu, cams = synthesize_with_cam(generator, discriminator, source, config.hu_range, device)
     selected, details = select_window(list(cams), list(hu), config.th_fail, config.hu_range)
     return selected, {"cam_" + k: v for k, v in details.items()}
 
@@ -554,23 +561,9 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         plt.close(fig)
     if discriminator is None or not val:
         return
-    import torch
-
-    from .gradcam import gradcam_nonstandard
-    from .window import from_unit, to_unit
-
     shapes = {s.shape for s, _ in val}
     samples = [s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]]
-    x = torch.from_numpy(to_unit(np.clip(np.stack(samples), *config.hu_range), config.hu_range))[:, None].to(device)
-    generator.eval()
-    with torch.no_grad():
-        x_pad = x
-        from .models import pad_to_multiple
-
-        x_pad, (h, w) = pad_to_multiple(x, generator.divisor)
-        fake = generator(x_pad)[..., :h, :w]
-    cams = gradcam_nonstandard(discriminator, x, fake)[:, 0].cpu().numpy()
-    synthesized = from_unit(fake[:, 0].float().cpu().numpy(), config.hu_range)
+    synthesized, cams = synthesize_with_cam(generator, discriminator, np.stack(samples), config.hu_range, device)
     windows = [select_window([c], [s], config.th_fail, config.hu_range)[0] for c, s in zip(cams, synthesized)]
     np.savez_compressed(out / CAM_SAMPLES, source=np.stack(samples), synthesized=synthesized, cam=cams)
     fig, axes = plt.subplots(len(samples), 3, figsize=(10, 3.3 * len(samples)), squeeze=False)
