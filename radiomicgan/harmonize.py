@@ -165,7 +165,7 @@ class Harmonizer:
         from .models import pad_to_multiple
         from .window import carry_weight, from_unit, to_unit
 
-        hu_range = self.model.hu_range
+        window, scale = self.model.inference_window, self.model.scale_range
         results = []
         position = 0
         while position < len(chunk):
@@ -174,13 +174,13 @@ class Harmonizer:
             hu = chunk[position : position + self.batch].to(self.device, non_blocking=True).float()
             try:
                 with torch.inference_mode():
-                    x = to_unit(hu.clamp(*hu_range), hu_range)[:, None]
+                    x = to_unit(hu.clamp(*window), scale)[:, None]
                     x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
                     x = x.contiguous(memory_format=self.memory_format)
                     with self._autocast():
                         y = self._network(x)
-                    predicted = from_unit(y[:, 0, :h, :w].float(), hu_range)
-                    weight = carry_weight(hu, hu_range)
+                    predicted = from_unit(y[:, 0, :h, :w].float(), scale)
+                    weight = carry_weight(hu, window)
                     blended = torch.round(weight * predicted + (1.0 - weight) * hu)
                     results.append(blended.cpu().numpy())
             except torch.OutOfMemoryError:
@@ -214,15 +214,15 @@ class Harmonizer:
 
         if self.model.discriminator is None:
             raise RadiomicGANError(f"method '{self.model.method}' has no discriminator: no Grad-CAM")
-        lo, hi = self.model.hu_range
+        (lo, hi), scale = self.model.inference_window, self.model.scale_range
         cams = np.empty(source_hu.shape, dtype=np.float32)
         probability = []
         batch = max(1, min(self.batch, 8))
         for start in range(0, len(source_hu), batch):
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
-            s = torch.from_numpy(to_unit(np.clip(source_hu[start : start + batch], lo, hi), (lo, hi)).astype(np.float32))[:, None]
-            c = torch.from_numpy(to_unit(np.clip(candidate_hu[start : start + batch], lo, hi), (lo, hi)).astype(np.float32))[:, None]
+            s = torch.from_numpy(to_unit(np.clip(source_hu[start : start + batch], lo, hi), scale).astype(np.float32))[:, None]
+            c = torch.from_numpy(to_unit(np.clip(candidate_hu[start : start + batch], lo, hi), scale).astype(np.float32))[:, None]
             (s, (h, w)), (c, _) = (pad_to_multiple(t.to(self.device), 8, minimum=32) for t in (s, c))
             cam = gradcam_nonstandard(self.model.discriminator, s, c)
             cams[start : start + batch] = cam[:, 0, :h, :w].float().cpu().numpy()
