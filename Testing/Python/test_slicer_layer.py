@@ -166,7 +166,7 @@ def _cmake_listed(cmake: Path) -> set[str]:
 
 
 def test_extension_layout():
-    for path in ("RadiomicGANHarmonize", "RadiomicGANTrain", "Resources", "Testing", "CMakeLists.txt",
+    for path in ("RadiomicGANHarmonize", "RadiomicGANTrain", "RadiomicGANLib", "Resources", "Testing", "CMakeLists.txt",
                  "RadiomicGAN.s4ext", "README.md", "pyproject.toml", ".ci/run", "radiomicgan"):
         assert (REPO / path).exists(), path
     s4ext = dict(line.split(" ", 1) for line in (REPO / "RadiomicGAN.s4ext").read_text().splitlines()
@@ -177,7 +177,7 @@ def test_extension_layout():
 def test_cmake_lists_every_core_and_module_file():
     core = {f"radiomicgan/{p.name}" for p in (REPO / "radiomicgan").glob("*.py")}
     assert core <= _cmake_listed(REPO / "CMakeLists.txt")
-    for module in ("RadiomicGANHarmonize", "RadiomicGANTrain"):
+    for module in ("RadiomicGANHarmonize", "RadiomicGANTrain", "RadiomicGANLib"):
         folder = REPO / module
         listed = {p.replace("${MODULE_NAME}", module) for p in _cmake_listed(folder / "CMakeLists.txt")}
         present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in (".py", ".ui", ".png")
@@ -185,6 +185,10 @@ def test_cmake_lists_every_core_and_module_file():
         assert listed == present, module
     for listed in _cmake_listed(REPO / "CMakeLists.txt"):
         assert (REPO / listed).is_file(), listed
+    top = (REPO / "CMakeLists.txt").read_text()
+    for folder in ("RadiomicGANLib", "RadiomicGANHarmonize", "RadiomicGANTrain"):
+        assert f"add_subdirectory({folder})" in top, folder
+    assert "WITH_SUBDIR" in (REPO / "RadiomicGANLib" / "CMakeLists.txt").read_text()  # a package, like DICOMLib
 
 
 def test_core_imports_nothing_from_slicer():
@@ -195,7 +199,7 @@ def test_core_imports_nothing_from_slicer():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
-    for path in (REPO / "RadiomicGANHarmonize" / "RadiomicGANLib").glob("*.py"):  # MRML yes, qt no
+    for path in (REPO / "RadiomicGANLib").glob("*.py"):  # MRML yes, qt no
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", path.read_text(), re.M), path.name
 
 
