@@ -5,6 +5,7 @@ everything that talks to MRML lives in ``RadiomicGANLib`` (qt-free, tested with 
 """
 
 import pathlib
+import sys
 from typing import Annotated, Optional
 
 import slicer
@@ -18,6 +19,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+# Run from the source tree (module folders added to Slicer's module paths): the core (radiomicgan/) and
+# RadiomicGANLib/ are one folder up. In an installed extension they sit beside this file, already importable.
+_SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "RadiomicGANLib").is_dir() and str(_SOURCE_ROOT) not in sys.path:
+    sys.path.append(str(_SOURCE_ROOT))
 
 
 class RadiomicGANHarmonize(ScriptedLoadableModule):
