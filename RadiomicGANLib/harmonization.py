@@ -223,6 +223,8 @@ class HarmonizeJob:
             windows = json.loads(self.cam_path.with_name("gradcam_windows.json").read_text())
         if self.output_node is not None:
             output = set_volume_node(self.output_node, volume)
+            if output.GetDisplayNode() is None:  # e.g. made with the selector's "Create new volume"
+                output.CreateDefaultDisplayNodes()
         else:
             output = add_volume_node(self.scene, volume, name)
         output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.get("target_kernel", "")))
