@@ -14,7 +14,6 @@ from helpers import REPO, ramp_volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
 
-from RadiomicGANLib import dependencies  # noqa: E402
 from RadiomicGANLib.mrml import (  # noqa: E402
     KERNEL_ATTRIBUTE,
     add_volume_node,
@@ -147,16 +146,6 @@ def test_volume_from_node_rejects_empty_node(scene):
         volume_from_node(node)
 
 
-def test_dependency_prompt(monkeypatch):
-    assert dependencies.missing_requirements() == []  # the test environment has everything
-    monkeypatch.setitem(dependencies.REQUIREMENTS, "radiomicgan_no_such_pkg", "radiomicgan-no-such-pkg>=1")
-    asked, installed = [], []
-    assert not dependencies.ensure_dependencies(lambda text: asked.append(text) or False, installed.append)
-    assert "radiomicgan-no-such-pkg>=1" in asked[0] and installed == []
-    assert not dependencies.ensure_dependencies(lambda text: True, installed.append)  # install ran, still missing
-    assert installed == ["radiomicgan-no-such-pkg>=1"]
-
-
 # ------------------------------------------------------------------------------------------ layout
 
 
@@ -166,18 +155,22 @@ def _cmake_listed(cmake: Path) -> set[str]:
 
 
 def test_extension_layout():
-    for path in ("RadiomicGANHarmonize", "RadiomicGANTrain", "Resources", "Testing", "CMakeLists.txt",
+    for path in ("RadiomicGANHarmonize", "RadiomicGANTrain", "RadiomicGANLib", "Resources", "Testing", "CMakeLists.txt",
                  "RadiomicGAN.s4ext", "README.md", "pyproject.toml", ".ci/run", "radiomicgan"):
         assert (REPO / path).exists(), path
     s4ext = dict(line.split(" ", 1) for line in (REPO / "RadiomicGAN.s4ext").read_text().splitlines()
                  if line.strip() and not line.startswith("#") and " " in line)
-    assert s4ext["category"] == "Filtering" and s4ext["depends"] == "PyTorch"
+    assert s4ext["category"] == "Filtering" and s4ext["depends"].split() == ["PyTorch", "SlicerRadiomics"]
+    import json  # the three descriptions of the extension agree on its dependencies
+
+    assert json.loads((REPO / "RadiomicGAN.json").read_text())["build_dependencies"] == ["PyTorch", "SlicerRadiomics"]
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch SlicerRadiomics"\)', (REPO / "CMakeLists.txt").read_text())
 
 
 def test_cmake_lists_every_core_and_module_file():
     core = {f"radiomicgan/{p.name}" for p in (REPO / "radiomicgan").glob("*.py")}
     assert core <= _cmake_listed(REPO / "CMakeLists.txt")
-    for module in ("RadiomicGANHarmonize", "RadiomicGANTrain"):
+    for module in ("RadiomicGANHarmonize", "RadiomicGANTrain", "RadiomicGANLib"):
         folder = REPO / module
         listed = {p.replace("${MODULE_NAME}", module) for p in _cmake_listed(folder / "CMakeLists.txt")}
         present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in (".py", ".ui", ".png")
@@ -185,6 +178,10 @@ def test_cmake_lists_every_core_and_module_file():
         assert listed == present, module
     for listed in _cmake_listed(REPO / "CMakeLists.txt"):
         assert (REPO / listed).is_file(), listed
+    top = (REPO / "CMakeLists.txt").read_text()
+    for folder in ("RadiomicGANLib", "RadiomicGANHarmonize", "RadiomicGANTrain"):
+        assert f"add_subdirectory({folder})" in top, folder
+    assert "WITH_SUBDIR" in (REPO / "RadiomicGANLib" / "CMakeLists.txt").read_text()  # a package, like DICOMLib
 
 
 def test_core_imports_nothing_from_slicer():
@@ -195,7 +192,7 @@ def test_core_imports_nothing_from_slicer():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert name.split(".")[0] not in forbidden, f"{path.name} imports {name}"
-    for path in (REPO / "RadiomicGANHarmonize" / "RadiomicGANLib").glob("*.py"):  # MRML yes, qt no
+    for path in (REPO / "RadiomicGANLib").glob("*.py"):  # MRML yes, qt no
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", path.read_text(), re.M), path.name
 
 
@@ -207,3 +204,17 @@ def test_module_ui_has_every_widget_the_module_uses(module):
     names = {w.get("name") for w in ui.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used and used <= names, used - names
+
+
+def test_parameter_node_names_in_the_ui_are_wrapper_fields():
+    """Every SlicerParameterName in the .ui names a field of the module's @parameterNodeWrapper class."""
+    module = "RadiomicGANHarmonize"
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    wrappers = [n for n in tree.body if isinstance(n, ast.ClassDef)
+                and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in n.decorator_list)]
+    assert len(wrappers) == 1
+    fields = {n.target.id for n in wrappers[0].body if isinstance(n, ast.AnnAssign)}
+    ui = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
+    bound = {p.find("string").text for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and bound <= fields, bound - fields
+    assert fields - bound == {"device"}  # the device list depends on the GPUs found: bound by hand
