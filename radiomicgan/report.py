@@ -187,21 +187,22 @@ def format_counts(summary: dict) -> str:
     """The paper's Table 1 (reproducible features per ROI group) and Table 2 (PSNR, SSIM) as text: per group the
     count on all ROIs [bootstrap interval] and mean +- SD over the resamples; too small groups say so."""
     groups = summary["groups"]
-    width = max([24] + [len(f"{g} ({v['rois']} ROIs)") + 2 for g, v in groups.items()])
+
+    def cell(v: dict, c: str) -> str:
+        if "too_small" in v:
+            return "too small"
+        r = v[c]
+        return f"{r['reproducible']} [{_interval(r)}] {r['bootstrap_mean']:.0f} +- {r['bootstrap_sd']:.0f}"
+
+    headers = {g: f"{g} ({v['rois']} ROIs)" for g, v in groups.items()}
+    widths = {g: 2 + max([len(headers[g])] + [len(cell(v, c)) for c in summary["candidates"]]) for g, v in groups.items()}
     lines = [f"Reproducible features (CCC > {summary['threshold']}) of {summary['features']}: count on all ROIs "
              f"[{summary.get('confidence', 0.95):.0%} bootstrap interval] mean +- SD over {summary['bootstrap_resamples']} ROI resamples"]
-    lines.append(f"{'image':<22}" + "".join(f"{g + ' (' + str(v['rois']) + ' ROIs)':>{width}}" for g, v in groups.items())
-                 + f"{'PSNR (dB)':>11}{'SSIM':>8}")
+    lines.append(f"{'image':<22}" + "".join(headers[g].rjust(widths[g]) for g in groups) + f"{'PSNR (dB)':>11}{'SSIM':>8}")
     for c in summary["candidates"]:
-        cells = []
-        for g, v in groups.items():
-            if "too_small" in v:
-                cells.append(f"{'too small':>{width}}")
-            else:
-                r = v[c]
-                cells.append(f"{r['reproducible']} [{_interval(r)}] {r['bootstrap_mean']:.0f} +- {r['bootstrap_sd']:.0f}".rjust(width))
         m = summary["image_metrics"][c]
-        lines.append(f"{c:<22}{''.join(cells)}{m['psnr_db']:>11.2f}{m['ssim']:>8.4f}")
+        lines.append(f"{c:<22}" + "".join(cell(v, c).rjust(widths[g]) for g, v in groups.items())
+                     + f"{m['psnr_db']:>11.2f}{m['ssim']:>8.4f}")
     for g, v in groups.items():
         if "too_small" in v:
             lines.append(f"  group {g}: too small, {v['too_small']}")

@@ -153,18 +153,18 @@ def rois_from_boxes(boxes: list[dict], like: CTVolume) -> list[ROI]:
     return rois
 
 
-def _box_counts(indicator: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Voxels set in every box of ``size`` (z, y, x), indexed by the box's first corner; built slab by slab
-    (a 2D summed-area table per slab) so a whole scan needs no 3D integer tables."""
+def _boxes_holding(indicator: np.ndarray, size: tuple[int, int, int], at_least: float) -> np.ndarray:
+    """Whether each box of ``size`` (z, y, x), indexed by its first corner, holds at least ``at_least`` set
+    voxels; built slab by slab (a 2D summed-area table per slab) so a whole scan needs no 3D integer tables."""
     sz, sy, sx = size
     nz, ny, nx = indicator.shape
-    out = np.empty((nz - sz + 1, ny - sy + 1, nx - sx + 1), np.int32)
+    out = np.empty((nz - sz + 1, ny - sy + 1, nx - sx + 1), bool)
     slab = indicator[:sz].sum(axis=0, dtype=np.int32)
     for z in range(nz - sz + 1):
         if z:
             slab += indicator[z + sz - 1].astype(np.int32) - indicator[z - 1]
         table = np.pad(slab, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        out[z] = table[sy:, sx:] - table[:-sy, sx:] - table[sy:, :-sx] + table[:-sy, :-sx]
+        out[z] = table[sy:, sx:] - table[:-sy, sx:] - table[sy:, :-sx] + table[:-sy, :-sx] >= at_least
     return out
 
 
@@ -219,13 +219,13 @@ def sample_hu_rois(reference: CTVolume, ranges: Sequence[tuple[float, float]] = 
                                   attempts, min_fraction=min_fraction)
     size = _box_size(reference, size_mm, slices)
     volume = size[0] * size[1] * size[2]
-    inside = _box_counts(body_mask(reference), size) == volume
+    inside = _boxes_holding(body_mask(reference), size, volume)
     rng = np.random.default_rng(seed)
     rois = []
     for lo, hi in ranges:
         group = f"[{lo:g}, {hi:g}]"
         in_range = (reference.hu >= lo) & (reference.hu <= hi)
-        accepted = inside & (_box_counts(in_range, size) >= min_fraction * volume)
+        accepted = inside & _boxes_holding(in_range, size, min_fraction * volume)
         rois += _boxes_as_rois(group, _pick_boxes(accepted, size, per_range, rng, attempts), size)
     return rois
 
@@ -240,12 +240,12 @@ def sample_tissue_rois(reference: CTVolume, labels, tissues: dict | None = None,
     tissues = tissues or PHANTOM_TISSUES
     size = _box_size(reference, size_mm, slices)
     volume = size[0] * size[1] * size[2]
-    inside = _box_counts(body_mask(reference), size) == volume
+    inside = _boxes_holding(body_mask(reference), size, volume)
     rng = np.random.default_rng(seed)
     rois = []
     for group, label_values in tissues.items():
         in_tissue = np.isin(values, np.atleast_1d(label_values))
-        accepted = inside & (_box_counts(in_tissue, size) >= min_fraction * volume)
+        accepted = inside & _boxes_holding(in_tissue, size, min_fraction * volume)
         rois += _boxes_as_rois(group, _pick_boxes(accepted, size, per_group, rng, attempts), size)
     return rois
 
