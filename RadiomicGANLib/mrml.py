@@ -162,9 +162,12 @@ def compare_radiomics_nodes(scene, reference_node, candidate_nodes: dict, roi_no
     rows = []
     for group, entry in summary["groups"].items():
         for name in candidates:
-            if name not in entry:
+            metrics = summary["image_metrics"][name]
+            if "too_small" in entry:  # fewer ROIs than a count needs: said, not counted
+                rows.append([name, group, entry["rois"], "too small", "", "", "", round(metrics["psnr_db"], 2),
+                             round(metrics["ssim"], 4)])
                 continue
-            counts, metrics = entry[name], summary["image_metrics"][name]
+            counts = entry[name]
             rows.append([name, group, entry["rois"], counts["reproducible"], round(counts["bootstrap_mean"], 1),
                          round(counts["bootstrap_sd"], 1), counts["excluded_undefined"], round(metrics["psnr_db"], 2),
                          round(metrics["ssim"], 4)])

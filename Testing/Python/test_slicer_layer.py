@@ -128,16 +128,20 @@ def test_roi_radiomics_comparison_panel_table(scene, tmp_path):
     reference = add_volume_node(scene, target, "B50")
     candidates = {"B30": add_volume_node(scene, source, "B30"), "copy": add_volume_node(scene, target, "copy")}
     grid = np.zeros(labels.shape, np.float32)
-    for k, (y, x) in enumerate([(10, 10), (10, 30), (30, 10), (30, 30)]):
+    for k in range(10):  # 10 labels: the fewest ROIs a count takes
+        y, x = 4 + 10 * (k // 4), 4 + 10 * (k % 4)
         grid[:, y : y + 6, x : x + 6] = k + 1
     roi_node = add_volume_node(scene, target.with_hu(grid, kernel=""), "rois")
     table, evaluation = compare_radiomics_nodes(scene, reference, candidates, roi_node, params=params, workers=1, bootstrap=10)
     assert table.GetNumberOfRows() == 2 and table.GetNumberOfColumns() == 9
     rows = {table.GetCellText(r, 0): r for r in range(2)}
-    assert table.GetCellText(rows["B30"], 1) == "labels" and table.GetCellText(rows["B30"], 2) == "4"
+    assert table.GetCellText(rows["B30"], 1) == "labels" and table.GetCellText(rows["B30"], 2) == "10"
     copy_count, b30_count = int(table.GetCellText(rows["copy"], 3)), int(table.GetCellText(rows["B30"], 3))
     assert copy_count + int(table.GetCellText(rows["copy"], 6)) == evaluation.summary["features"] and b30_count <= copy_count
     assert table.GetCellText(rows["copy"], 7) == "inf"
+    few = add_volume_node(scene, target.with_hu(np.where(grid > 6, 0, grid), kernel=""), "six rois")
+    table, _ = compare_radiomics_nodes(scene, reference, candidates, few, params=params, workers=1, bootstrap=10)
+    assert table.GetNumberOfRows() == 2 and table.GetCellText(0, 2) == "6" and table.GetCellText(0, 3) == "too small"
 
 
 def test_volume_from_node_rejects_empty_node(scene):
