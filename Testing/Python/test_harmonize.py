@@ -213,3 +213,17 @@ def test_harmonize_command(model_dir, tmp_path, capsys, scan):
     assert (tmp_path / "out.mha").is_file() and (tmp_path / "cam_windows.json").is_file()
     assert main(["harmonize", str(tmp_path / "in.mha"), "--model", str(tmp_path), "--out", str(tmp_path / "x.mha")]) == 2
     assert "not a RadiomicGAN model folder" in capsys.readouterr().err
+
+
+def test_gradcam_window_on_the_device_equals_dynamic_selection(model_dir, scan):
+    """The hot-spot values are counted on the device; the window must be what dynamic selection makes of the maps."""
+    from radiomicgan.window import select_window
+
+    harmonizer = Harmonizer(model_dir, device="cpu", batch=2)
+    candidate = harmonizer.harmonize(scan.hu)
+    for th_fail in (0.2, 0.5):
+        cams, summary = harmonizer.gradcam(scan.hu, candidate, th_fail=th_fail)
+        window, details = select_window(list(cams), list(candidate), th_fail, harmonizer.model.hu_range)
+        assert summary["hot_values"] == details["hot_values"] > 0
+        assert summary["hot_spot_window_hu"] == (list(window) if window else None)
+        assert summary["hot_fraction"] == pytest.approx(float((cams > th_fail).mean()))
