@@ -222,19 +222,23 @@ class Harmonizer:
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
             count = min(self.batch, len(chunk) - position)
-            out_of_memory = False
+            reason = None
             try:
                 with torch.inference_mode():
                     hu = chunk[position : position + count].to(self.device, non_blocking=True).float()
                     out[position : position + count] = self._forward(hu)
             except torch.OutOfMemoryError:
-                out_of_memory = True  # handled below, once the failed batch's tensors are released
-            if not out_of_memory:
+                reason = "out of memory"  # handled below, once the failed batch's tensors are released
+            except RuntimeError as exc:
+                if not _too_large(exc):
+                    raise
+                reason = f"batch too large for one kernel ({str(exc).splitlines()[0][:80]})"
+            if reason is None:
                 position += count
                 continue
             if self.batch > 1:
                 self.batch = max(1, self.batch // 2)
-                note = f"out of memory: batch halved to {self.batch}"
+                note = f"{reason}: batch halved to {self.batch}"
                 warnings.warn(note)
                 self.notes.append(note)
                 if self.device.startswith("cuda"):
@@ -242,7 +246,7 @@ class Harmonizer:
                 continue
             if self.device == "cpu":
                 raise RadiomicGANError("out of memory on the CPU even at batch 1; free memory or use smaller slices") from None
-            self._fall_back_to_cpu("out of memory")
+            self._fall_back_to_cpu(reason)
             chunk, out = chunk.cpu(), out.cpu()
         return out
 
@@ -298,6 +302,14 @@ class Harmonizer:
             "th_fail": th_fail,
         }
         return cams, summary
+
+
+def _too_large(exc: RuntimeError) -> bool:
+    """Errors that mean "this batch is too big" without being an out-of-memory error: kernels limited to 2^31
+    elements, and cuDNN/cuBLAS failing to allocate their workspace."""
+    text = str(exc)
+    return any(s in text for s in ("INT_MAX", "2^31", "32-bit index", "canUse32BitIndexMath", "CUDNN_STATUS_ALLOC_FAILED",
+                                   "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED"))
 
 
 def _values_seen_twice(hu, hot):

@@ -155,6 +155,34 @@ def test_out_of_memory_halves_the_batch(model_dir, scan):
     assert "batch halved to 2" in harmonizer.notes[0]
 
 
+class _TooLargeAbove(_OutOfMemoryAbove):
+    """Stands in for a kernel that refuses tensors of more than 2^31 elements (a RuntimeError, not out of memory)."""
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise RuntimeError("upsample_nearest_nhwc only supports output tensors with less than INT_MAX elements")
+        return self.inner(x)
+
+
+def test_batch_too_large_for_a_kernel_halves_the_batch_and_other_errors_pass(model_dir, scan):
+    reference = Harmonizer(model_dir, device="cpu", batch=1).harmonize(scan.hu)
+    harmonizer = Harmonizer(model_dir, device="cpu", batch=4)
+    harmonizer._network = _TooLargeAbove(harmonizer.model.generator, limit=1)
+    with pytest.warns(UserWarning, match="too large for one kernel"):
+        out = harmonizer.harmonize(scan.hu)
+    np.testing.assert_array_equal(out, reference)
+    assert harmonizer.batch == 1 and harmonizer._network.calls[:3] == [3, 2, 1]
+
+    class _Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("a real bug")
+
+    harmonizer._network = _Broken()
+    with pytest.raises(RuntimeError, match="a real bug"):
+        harmonizer.harmonize(scan.hu)
+
+
 def test_out_of_memory_at_batch_one_moves_to_the_cpu(model_dir, scan):
     """An accelerator that cannot fit even one slice: the work continues on the CPU, and says so. The
     accelerator is stood in for by a second CPU device name, whose allocator always fails."""
