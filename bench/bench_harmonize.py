@@ -75,22 +75,6 @@ def flops_per_slice(loaded: LoadedModel, size: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
-def profile_table(harmonizer: Harmonizer, hu: np.ndarray, rows: int = 15) -> str:
-    """The CUDA kernels that one pass of the optimised path spends its time in."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        harmonizer.harmonize(hu)
-        torch.cuda.synchronize()
-    averages = prof.key_averages()
-    for key in ("self_cuda_time_total", "self_device_time_total", "cuda_time_total"):
-        try:
-            return averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
-        except (AttributeError, KeyError, ValueError):
-            continue
-    return averages.table(row_limit=rows)
-
-
 def eager_rate(record: dict, batch: int, kind: str) -> float:
     return record["variants"][f"optimised {kind} (batch {batch}, eager)"]["slices_per_s"]
 
@@ -168,8 +152,10 @@ def main() -> None:
         if record["variants"][label]["slices_per_s"] > eager_rate(record, batch, kind):
             compile_batch = args.also_batch  # compile at the faster batch (each batch size is one compilation)
     if args.profile and cuda:
-        args.profile.write_text(f"One pass over {slices} slices, optimised eager path, batch {batch}, {name}\n"
-                                + profile_table(eager, hu) + "\n")
+        from profiling import profile_summary
+
+        args.profile.write_text(profile_summary(lambda: eager.harmonize(hu),
+                                                f"== a) one pass over {slices} slices, optimised eager path, batch {batch}, {name}"))
         print(f"wrote {args.profile}", flush=True)
     if args.compile:
         optimised(f"optimised {kind} + torch.compile (batch {compile_batch})" if cuda else

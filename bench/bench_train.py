@@ -62,21 +62,11 @@ def run(device: str, batch: int, steps: int, size: int, optimised: bool, compile
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if profile is not None and cuda:
-        from torch.profiler import ProfilerActivity, profile as profiler
+        from profiling import profile_summary
 
-        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            train_step(config, g, d, opt_g, opt_d, x, y, autocast, F)
-            torch.cuda.synchronize()
-        averages = prof.key_averages()
-        table = None
-        for key in ("self_cuda_time_total", "self_device_time_total", "cuda_time_total"):
-            try:
-                table = averages.table(sort_by=key, row_limit=15, max_name_column_width=70)
-                break
-            except (AttributeError, KeyError, ValueError):
-                continue
-        profile.write_text(f"One training step of G and D, batch {batch}, {size}x{size}, optimised={optimised}\n"
-                           f"{table or averages.table(row_limit=15)}\n")
+        profile.write_text(profile_summary(lambda: train_step(config, g, d, opt_g, opt_d, x, y, autocast, F),
+                                           f"== b) one training step of G and D, batch {batch}, {size}x{size}, "
+                                           f"{'bf16 + channels_last' if optimised else 'fp32'}, {torch.cuda.get_device_name()}"))
     return {"pairs_per_s": batch * steps / elapsed, "batch": batch, "steps": steps, "warmup_s": warm,
             "peak_gib": peak, "peak_kind": "GPU allocated" if cuda else "process RSS"}
 

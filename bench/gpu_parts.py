@@ -229,23 +229,32 @@ def summary(args) -> None:
 
     def met(p):
         value = p.get("target_met")
+        if str(p.get("device", "")).startswith("CPU"):
+            return "- (CPU)"
         return "-" if value is None else ("yes" if value else "NO")
+
+    def rate(value: float) -> str:
+        return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
 
     h = parts.get("a_harmonize")
     if h:
         for label, v in h.get("variants", {}).items():
-            extra = f" (x{v['speedup_vs_plain']:.2f}; peak {v.get('peak_gib', 0):.1f} GiB; max |HU diff| {v.get('max_abs_hu_diff_vs_plain', 0):.0f})" if "speedup_vs_plain" in v else ""
-            lines.append(f"| a harmonize {h['slices']}x{h['size']}² | {label} | {v['slices_per_s']:.0f} slices/s{extra} | | |")
+            extra = ""
+            if "speedup_vs_plain" in v:
+                extra = (f" (x{v['speedup_vs_plain']:.2f}" + (f"; peak {v['peak_gib']:.1f} GiB" if "peak_gib" in v else "")
+                         + f"; HU vs plain: max abs diff {v['max_abs_hu_diff_vs_plain']:.0f}, mean {v['mean_abs_hu_diff_vs_plain']:.2f}"
+                         + (f"; warm-up {v['warmup_s']:.0f} s" if v.get("warmup_s", 0) >= 1 else "") + ")")
+            lines.append(f"| a harmonize {h['slices']}x{h['size']}² | {label} | {rate(v['slices_per_s'])} slices/s{extra} | | |")
         if "best_slices_per_s" in h:
-            lines.append(f"| a harmonize | best | {h['best_slices_per_s']:.0f} slices/s, x{h['best_speedup']:.2f} | >= 1,500 and >= 5x | {met(h)} |")
+            lines.append(f"| a harmonize | best | {rate(h['best_slices_per_s'])} slices/s, x{h['best_speedup']:.2f} | >= 1,500 and >= 5x | {met(h)} |")
     t = parts.get("b_train")
     if t:
         for label, v in t.get("variants", {}).items():
             extra = f", x{v['speedup_vs_fp32']:.2f}" if "speedup_vs_fp32" in v else ""
-            lines.append(f"| b train G+D {t['size']}² | {label} | {v['pairs_per_s']:.1f} pairs/s at batch {v['batch']}{extra}; "
-                         f"peak {v['peak_gib']:.1f} GiB | | |")
+            lines.append(f"| b train G+D {t['size']}² | {label} | {rate(v['pairs_per_s'])} pairs/s at batch {v['batch']}{extra}; "
+                         f"peak {v['peak_gib']:.1f} GiB ({v.get('peak_kind', '')}) | | |")
         if "best_pairs_per_s" in t:
-            lines.append(f"| b train | best | {t['best_pairs_per_s']:.1f} pairs/s, x{t['best_speedup']:.2f} | >= 400 and >= 2x | {met(t)} |")
+            lines.append(f"| b train | best | {rate(t['best_pairs_per_s'])} pairs/s, x{t['best_speedup']:.2f} | >= 400 and >= 2x | {met(t)} |")
     c = parts.get("c_gradcam")
     if c and "seconds_total" in c:
         lines.append(f"| c Grad-CAM | {c['slices']} slices {c['size']}², input + result | {c['input']['seconds']:.3f} + "

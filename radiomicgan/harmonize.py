@@ -279,8 +279,7 @@ class Harmonizer:
         for start in range(0, len(source_hu), batch):
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
-            s_hu, c_hu = (torch.from_numpy(np.ascontiguousarray(a[start : start + batch])).to(self.device).float()
-                          for a in (source_hu, candidate_hu))
+            s_hu, c_hu = (_to_device(a[start : start + batch], self.device).float() for a in (source_hu, candidate_hu))
             (s, (h, w)), (c, _) = (pad_to_multiple(to_unit(t.clamp(lo, hi), (lo, hi))[:, None], 8, minimum=32) for t in (s_hu, c_hu))
             cam, logits = gradcam_nonstandard(self.model.discriminator, s, c, return_logits=True)
             cam = cam[:, 0, :h, :w]
@@ -319,10 +318,21 @@ def _values_seen_twice(hu, hot):
     import torch
 
     values = torch.round(hu).clamp(-32768, 32767).long() + 32768
-    slice_index = torch.arange(len(hu), device=hu.device).view(-1, 1, 1).expand_as(values)
-    keys = (slice_index[hot] << 16) | values[hot]
-    counts = torch.bincount(keys, minlength=len(hu) << 16).view(len(hu), 1 << 16)
-    return (counts > 1).any(dim=0)
+    keys = (torch.arange(len(hu), device=hu.device).view(-1, 1, 1) << 16) + values
+    # index_add_ over all pixels, adding 0 for the cold ones: no boolean indexing, so the host never waits here
+    counts = torch.zeros(len(hu) << 16, dtype=torch.int32, device=hu.device)
+    counts.index_add_(0, keys.flatten(), hot.flatten().to(torch.int32))
+    return (counts.view(len(hu), 1 << 16) > 1).any(dim=0)
+
+
+def _to_device(array: np.ndarray, device: str):
+    """A host array on the device; on CUDA through pinned memory, so the host does not wait for queued work."""
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if not device.startswith("cuda"):
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _span_window(values: np.ndarray, hu_range, min_width: float = 256.0):
