@@ -198,18 +198,24 @@ class Harmonizer:
         from .models import pad_to_multiple
         from .window import carry_weight, from_unit, to_unit
 
-        hu_range = self.model.hu_range
+        window, scale = self._window_and_scale()
         n = len(hu)
-        x = to_unit(hu.clamp(*hu_range), hu_range)[:, None]
+        x = to_unit(hu.clamp(*window), scale)[:, None]
         x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
         if self._fixed_batch and n < self.batch:  # the compiled graph has one batch shape: pad, never recompile
             x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
         x = x.contiguous(memory_format=self.memory_format)
         with self._autocast():
             y = self._network(x)
-        predicted = from_unit(y[:n, 0, :h, :w].float(), hu_range)
-        weight = carry_weight(hu, hu_range)
+        predicted = from_unit(y[:n, 0, :h, :w].float(), scale)
+        weight = carry_weight(hu, window)
         return torch.round(weight * predicted + (1.0 - weight) * hu)
+
+    def _window_and_scale(self):
+        """(HU window the model harmonizes, HU range that maps to [-1, 1]); the card's whole range unless the
+        model says otherwise (``inference_window`` / ``scale_range`` where LoadedModel has them)."""
+        window = getattr(self.model, "inference_window", self.model.hu_range)
+        return tuple(window), tuple(getattr(self.model, "scale_range", window))
 
     def _run_chunk(self, chunk, cancel):
         """Harmonized HU of one chunk, as a tensor on the device that computed it, in batches that shrink on
@@ -268,7 +274,7 @@ class Harmonizer:
 
         if self.model.discriminator is None:
             raise RadiomicGANError(f"method '{self.model.method}' has no discriminator: no Grad-CAM")
-        lo, hi = self.model.hu_range
+        (lo, hi), scale = self._window_and_scale()
         source_hu, candidate_hu = np.asarray(source_hu), np.asarray(candidate_hu)
         cuda = self.device.startswith("cuda")
         cams = torch.empty(candidate_hu.shape, dtype=torch.float32, pin_memory=cuda)
@@ -280,7 +286,7 @@ class Harmonizer:
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
             s_hu, c_hu = (_to_device(a[start : start + batch], self.device).float() for a in (source_hu, candidate_hu))
-            (s, (h, w)), (c, _) = (pad_to_multiple(to_unit(t.clamp(lo, hi), (lo, hi))[:, None], 8, minimum=32) for t in (s_hu, c_hu))
+            (s, (h, w)), (c, _) = (pad_to_multiple(to_unit(t.clamp(lo, hi), scale)[:, None], 8, minimum=32) for t in (s_hu, c_hu))
             cam, logits = gradcam_nonstandard(self.model.discriminator, s, c, return_logits=True)
             cam = cam[:, 0, :h, :w]
             cams[start : start + len(cam)].copy_(cam, non_blocking=True)

@@ -251,7 +251,7 @@ def test_gradcam_window_on_the_device_equals_dynamic_selection(model_dir, scan):
     candidate = harmonizer.harmonize(scan.hu)
     for th_fail in (0.2, 0.5):
         cams, summary = harmonizer.gradcam(scan.hu, candidate, th_fail=th_fail)
-        window, details = select_window(list(cams), list(candidate), th_fail, harmonizer.model.hu_range)
+        window, details = select_window(list(cams), list(candidate), th_fail, harmonizer._window_and_scale()[0])
         assert summary["hot_values"] == details["hot_values"] > 0
         assert summary["hot_spot_window_hu"] == (list(window) if window else None)
         assert summary["hot_fraction"] == pytest.approx(float((cams > th_fail).mean()))
