@@ -147,7 +147,9 @@ class _Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device
-        if self.world_size > 1 and not dist.is_initialized():
+        # launched by torchrun (even with one process): a real process group and DDP, so that path is what runs
+        self._active = self.world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+        if self._active and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             if device == "cuda":
                 import torch
@@ -158,7 +160,7 @@ class _Distributed:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        return self._active
 
     @property
     def main(self) -> bool:
