@@ -38,6 +38,13 @@ def _at_least(minimum: int):
     return parse
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError("must be a fraction in [0, 1)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -167,7 +174,8 @@ def cmd_train(args) -> int:
         beta1=args.beta1, lambda_l1=args.lambda_l1, th_acc=args.th_acc, th_eta=args.th_eta, th_fail=args.th_fail,
         cam_subset=args.cam_subset, window_step=args.window_step, hu_range=tuple(args.hu_range),
         vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
-        val_slices=args.val_slices,
+        val_slices=args.val_slices, window_scaling=args.window_scaling, consolidate=args.consolidate,
+        lr_decay=args.lr_decay, adversarial_warmup=args.adversarial_warmup,
     )
     emit = _progress_lines(args.progress_json, "train")
 
@@ -286,6 +294,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train import TrainConfig
+    from .window import WINDOW_SCALINGS
+
     parser = argparse.ArgumentParser(prog="radiomicgan", description="CT kernel harmonization for reproducible radiomics.")
     parser.add_argument("--version", action="version", version=f"radiomicgan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -341,7 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="standardization range harmonized at inference")
     tr.add_argument("--vgg-weights", default="imagenet",
                     help="encoder weights: imagenet (torchvision download/cache), a weights file, or random")
-    tr.add_argument("--finetune-vgg", action="store_true", help="train the VGG layers too (frozen by default)")
+    encoder = tr.add_mutually_exclusive_group()
+    encoder.add_argument("--finetune-vgg", dest="finetune_vgg", action="store_true", default=None,
+                         help="train the VGG layers (the default for random weights)")
+    encoder.add_argument("--freeze-vgg", dest="finetune_vgg", action="store_false",
+                         help="keep the VGG layers frozen (the default for pretrained weights, as in the paper)")
+    defaults = TrainConfig()
+    tr.add_argument("--window-scaling", choices=WINDOW_SCALINGS, default=defaults.window_scaling,
+                    help="scale each window to [-1, 1] over the window itself (paper) or over --hu-range "
+                         f"(default {defaults.window_scaling}, chosen by measurement: see README)")
+    tr.add_argument("--consolidate", type=_fraction, default=defaults.consolidate,
+                    help=f"fraction of the epochs that end training at the inference window (default {defaults.consolidate})")
+    tr.add_argument("--no-lr-decay", dest="lr_decay", action="store_false",
+                    help="keep the learning rate constant (default: pix2pix's linear decay over the second half)")
+    tr.add_argument("--adversarial-warmup", type=_at_least(0), default=defaults.adversarial_warmup,
+                    help=f"first steps trained on L1 alone (default {defaults.adversarial_warmup})")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
@@ -394,12 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
-    demo.add_argument("--slices", type=_at_least(1), default=8, help="slices per phantom scan (default 8)")
+    demo.add_argument("--slices", type=_at_least(1), default=10, help="slices per phantom scan (default 10: ten whole-body ROIs)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=_at_least(1), default=12, help="training epochs (default 12, a few minutes on 2 cores)")
     demo.add_argument("--steps-per-epoch", type=_at_least(1), default=25)
     demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
-    demo.add_argument("--rois", type=_at_least(3), default=8, help="random ROIs per HU range for the CCC report (default 8)")
+    demo.add_argument("--rois", type=_at_least(3), default=15, help="random box ROIs per tissue label for the CCC report (default 15)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

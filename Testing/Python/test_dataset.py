@@ -190,7 +190,7 @@ def test_demo_runs_end_to_end_and_refuses_foreign_folder(tmp_path, capsys):
     assert (out / "models" / "radiomicgan" / "windows.png").is_file()
     assert (out / "report" / "report.html").is_file() and summary["reproducibility"]
     printed = capsys.readouterr().out
-    assert "Held-out scan case002" in printed and "randomly initialised encoder" in printed
+    assert "Held-out scan case003" in printed and "randomly initialised encoder" in printed
     assert main(["demo", "--out", str(out), *tiny]) == 0  # reruns over its own output
     foreign = tmp_path / "mine"
     foreign.mkdir()
