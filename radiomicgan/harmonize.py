@@ -24,13 +24,31 @@ from typing import Callable
 import numpy as np
 
 from .errors import CTInputError, RadiomicGANError
-from .io import check_output_path, image_suffix, read_volume, write_map, write_volume
+from .io import (
+    check_own_dicom_folder,
+    check_output_path,
+    check_output_volume,
+    check_writable,
+    image_suffix,
+    read_volume,
+    write_map,
+    write_volume,
+)
 from .kernels import preset_for_tag
 from .modelio import LoadedModel, load_model, resolve_device
 from .volume import CTVolume
 from .window import select_window
 
 CHUNK_SLICES = 64  # slices staged per host-to-device copy
+AIR_FLOOR_HU = -1024.0
+
+
+def carry_over_and_clamp(source: np.ndarray, harmonized: np.ndarray, hu_range) -> np.ndarray:
+    """Values outside the model's HU range (padding at -3024, metal) are carried over from the input unchanged,
+    and nothing is written below the air floor where the input was at or above it (filter ringing)."""
+    lo, hi = hu_range
+    out = np.where((source < lo) | (source > hi), source, harmonized)
+    return np.where(source >= AIR_FLOOR_HU, np.maximum(out, AIR_FLOOR_HU), out).astype(np.float32)
 
 
 class Cancelled(RadiomicGANError):
@@ -114,7 +132,9 @@ class Harmonizer:
         if stack.ndim != 3 or min(stack.shape) < 1:
             raise CTInputError(f"expected slices (N, rows, cols), got shape {hu.shape}")
         if self.model.baseline is not None:
-            out = np.rint(self.model.baseline.harmonize(stack, spacing_xy)).astype(np.float32)
+            lo, hi = self.model.hu_range
+            out = self.model.baseline.harmonize(np.clip(stack, lo, hi), spacing_xy)
+            out = np.rint(carry_over_and_clamp(stack, out, (lo, hi))).astype(np.float32)
             if progress:
                 progress(len(stack), len(stack))
             return out[0] if squeeze else out
@@ -175,7 +195,8 @@ class Harmonizer:
             try:
                 with torch.inference_mode():
                     x = to_unit(hu.clamp(*hu_range), hu_range)[:, None]
-                    x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
+                    divisor = self.model.generator.divisor  # and at least a 2x2 bottleneck on tiny slices
+                    x, (h, w) = pad_to_multiple(x, divisor, minimum=2 * divisor if divisor > 1 else 0)
                     x = x.contiguous(memory_format=self.memory_format)
                     with self._autocast():
                         y = self._network(x)
@@ -334,9 +355,14 @@ def harmonize_file(
     if not image_suffix(output) and not (input_path.is_dir() or not image_suffix(input_path)):
         raise CTInputError(f"{output}: give the output a suffix like the input's ({image_suffix(input_path)}); "
                            "a folder output is a DICOM series")
+    check_output_volume(output)
+    for target in targets[1:]:
+        check_writable(target)
     for target in targets:
         if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
             raise CTInputError(f"{target}: already exists; refusing to overwrite")
+        if target.is_dir() and overwrite:
+            check_own_dicom_folder(target)
     volume = read_volume(input_path, series_uid=series_uid)
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
     result = harmonize_volume(volume, harmonizer, gradcam=gradcam_output is not None, th_fail=th_fail,
@@ -375,6 +401,7 @@ def _staging_name(target: Path) -> Path:
 
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir():
+        check_own_dicom_folder(target)  # again: the folder may have changed during the run
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
         os.replace(tmp, target)
