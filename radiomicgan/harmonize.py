@@ -355,8 +355,9 @@ def harmonize_file(
     if not image_suffix(output) and not (input_path.is_dir() or not image_suffix(input_path)):
         raise CTInputError(f"{output}: give the output a suffix like the input's ({image_suffix(input_path)}); "
                            "a folder output is a DICOM series")
-    check_output_volume(output)
-    for target in targets[1:]:
+    for target in targets[:3]:  # format and path, before any work (the volume, the two Grad-CAM maps)
+        check_output_volume(target)
+    for target in targets[3:]:  # the windows JSON
         check_writable(target)
     for target in targets:
         if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):

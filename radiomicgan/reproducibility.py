@@ -317,6 +317,8 @@ def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[RO
 
     if not candidates:
         raise EvaluationError("no candidate to compare with the reference")
+    if reference_name in candidates:
+        raise EvaluationError(f"candidate '{reference_name}': named like the reference; give it another name")
     for name, volume in candidates.items():
         if not volume.same_geometry(reference):
             raise EvaluationError(f"candidate '{name}' ({volume.source}): geometry differs from the reference "

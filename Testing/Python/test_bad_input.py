@@ -405,3 +405,10 @@ def test_no_subcommand_shows_a_traceback_on_malformed_arguments(data, work, caps
     done = subprocess.run([sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", data / "pairs", "--out", work / "afile" / "m",
                            "--hu-range", "1", "1"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_gradcam_output_format_checked_before_the_work(data, work, capsys):
+    code, _, err = run(["harmonize", data / "vol.nrrd", "--model", data / "filter", "--out", work / "o.nrrd",
+                        "--gradcam", work / "cam.mhd"], capsys)
+    assert_user_error(code, err, "cam.mhd")
+    assert ".partial" not in err and not any(work.iterdir())
