@@ -47,7 +47,10 @@ def _kernel_pairs(values: list[str]) -> dict[str, str]:
 
 def _at_least(minimum: int):
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}")
         return value
