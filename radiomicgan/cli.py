@@ -202,9 +202,9 @@ def cmd_train(args) -> int:
     from .io import check_writable
     from .train import TrainConfig, train
 
-    if args.schedule not in (None, "none") and args.method not in ("radiomicgan", "pix2pix"):
-        raise RadiomicGANError(f"--schedule {args.schedule}: method {args.method} has no training windows; "
-                               "leave --schedule out (or give none)")
+    if args.schedule not in (None, "none") and args.method in ("filter", "histmatch"):
+        raise RadiomicGANError(f"--schedule {args.schedule}: method {args.method} is fitted in closed form and has no "
+                               "training windows; leave --schedule out (or give none)")
     check_writable(args.out)
     config = TrainConfig(
         method=args.method, schedule=args.schedule or ("dwt" if args.method == "radiomicgan" else "none"),
