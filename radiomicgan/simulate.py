@@ -3,6 +3,7 @@ re-kernelled copies of a user's own scans."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 import warnings
@@ -14,7 +15,7 @@ import numpy as np
 from . import __version__
 from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
-from .io import move_into_place, write_map, write_volume
+from .io import check_owned, move_into_place, write_map, write_volume
 from .kernels import KernelPreset, get_preset, preset_for_tag, rekernel, simulate_kernels
 from .phantom import make_chest_phantom
 from .volume import CTMetadata, CTVolume
@@ -57,6 +58,11 @@ def phantom_pair(
     return volume(source_hu, source_preset), volume(target_hu, target_preset), phantom.labels
 
 
+def _phantom_file(path: Path) -> bool:
+    """A file ``simulate_phantom_pairs`` writes: the manifest, or a case's volume or label map."""
+    return re.fullmatch(r"manifest\.json|case\d+_[\w.-]+\.(nrrd|nii|nii\.gz|mha)", path.name) is not None
+
+
 def simulate_phantom_pairs(
     out_dir: str | Path,
     cases: int = 1,
@@ -80,6 +86,8 @@ def simulate_phantom_pairs(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
+    if out.is_dir():
+        check_owned(out, _phantom_file)
     source_preset, target_preset = get_preset(source_kernel), get_preset(target_kernel)
     if source_preset == target_preset:
         raise CTInputError(f"source and target kernel are both {source_preset.name}; a pair needs two kernels")
@@ -107,7 +115,7 @@ def simulate_phantom_pairs(
             "noise_scale": noise_scale, "source_kernel": source_preset.description, "target_kernel": target_preset.description,
         }
         write_manifest(tmp, entries, info)
-        move_into_place(tmp, out, overwrite=True)
+        move_into_place(tmp, out, overwrite=True, owned=_phantom_file)  # never a user's file
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
