@@ -2,12 +2,15 @@
 
 A kernel is a radial transfer function T(f) of spatial frequency f (cycles/mm, in-plane) and a noise power
 spectrum NPS(f) (HU^2 mm^2). Filtered back-projection filters signal and quantum noise with the same kernel,
-and ramp-filters the noise, so a preset's spectrum is ``NPS(f) = noise * f * T(f)^2``. Two kernels made from
-one scan share one noise realisation, as reconstructing the same raw data twice does.
+and ramp-filters the noise, so the quantum noise of a kernel is ``noise * f * T(f)^2``, one realisation shared
+by every kernel made from one scan. A real kernel pair is not that exact: above ~0.3 cycles/mm part of one
+kernel is no linear function of the other (issue 9, measured on a real B30f/B50f slice), so each kernel adds an
+independent part; noise also grows with depth in the body, and what the field of view cuts is shared unfiltered.
 
 Presets were fitted on a real chest slice reconstructed with four Siemens kernels (``radiomicgan calibrate``
-prints measured against preset): the ratio of two kernels' spectra is what the slice measures; the absolute
-scale is anchored by one assumption, a smooth B30-like kernel with a Gaussian transfer of 50 % at 0.35 cycles/mm.
+prints measured against preset, and the realism criterion: coherence per band, and the gain of the project's
+fitted filter on simulated pairs against its gain on the real pair). Ratios of two kernels are what the slice
+measures; the absolute scale rests on the B30 fit (about 50 % transfer at 0.35 cycles/mm).
 """
 
 from __future__ import annotations
@@ -74,9 +77,11 @@ class KernelPreset:
 
 
 INDEPENDENT_FLAT_BELOW = 0.2  # cycles/mm
-_B30_A = math.log(2.0) / 0.35**2
-# Values printed by `radiomicgan calibrate --fit` on the real four-kernel slice (relative error of the
-# ratios below 11 % where the kernels are coherent, noise power within 12 %).
+# Fitted on the real four-kernel slice (0.693 mm). B30 (a, b), B50 (cutoff, floor) and the noise constant:
+# least squares on the B30/B50 pair's tile coherence and amplitude per band, soft-tissue noise per band and the
+# fitted filter's gain (simulated +6.6 dB vs real +5.7 dB). B10 and B70: `radiomicgan calibrate --fit` against
+# that B30 (tapered ratios within 11 % where coherent). Independent floors of B10 and B70 are rough guesses
+# from the B10/B30 and B50/B70 coherence.
 PRESETS: dict[str, KernelPreset] = {
     p.name: p
     for p in (
