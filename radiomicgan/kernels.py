@@ -192,9 +192,19 @@ def depth_noise_amplitude(hu: np.ndarray, spacing_xy: tuple[float, float], gain:
     amp = np.where(body, 1.0 + gain * np.minimum(depth / 100.0, 1.0), AIR_NOISE if gain else 1.0)
     if body.any():
         amp /= math.sqrt(float(np.mean(np.square(amp[body]))))
-    zoom = (1.0, hu.shape[1] / amp.shape[1], hu.shape[2] / amp.shape[2])
-    full = ndimage.zoom(amp.astype(np.float32), zoom, order=1, grid_mode=True, mode="nearest")
-    return full[:, : hu.shape[1], : hu.shape[2]]
+    # back to full resolution: repeat, then a box filter of the step's width (a linear ramp between samples)
+    full = np.repeat(np.repeat(amp.astype(np.float32), step, axis=1), step, axis=2)[:, : hu.shape[1], : hu.shape[2]]
+    if step > 1:
+        for axis in (1, 2):
+            full = ndimage.uniform_filter1d(full, step, axis=axis, mode="nearest")
+    return full
+
+
+def _white_spectrum(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """The rfft2 of unit white noise of ``shape``, drawn in the frequency domain (saves a transform)."""
+    half = (shape[0], shape[1], shape[2] // 2 + 1)
+    draws = rng.standard_normal((*half, 2), dtype=np.float32)
+    return draws.view(np.complex64)[..., 0] * np.float32(math.sqrt(shape[1] * shape[2] / 2.0))
 
 
 def _filter_stack(hu, spacing_xy, filters, seed, noise_scale, hu_range, chunk, depth_gain=DEPTH_NOISE_GAIN):
@@ -222,7 +232,7 @@ def _filter_stack(hu, spacing_xy, filters, seed, noise_scale, hu_range, chunk, d
     for part in _chunks(stack.shape[0], chunk):
         spectrum = scipy.fft.rfft2(np.pad(stack[part], pads, mode="edge"), workers=-1)
         shape = (spectrum.shape[0], *shape_padded)
-        shared = scipy.fft.rfft2(rng.standard_normal(shape, dtype=np.float32), workers=-1) if noise_scale > 0 else None
+        shared = _white_spectrum(rng, shape) if noise_scale > 0 else None
         amplitude = depth_noise_amplitude(stack[part], (sx, sy), depth_gain) if noise_scale > 0 and depth_gain else None
         for out, gain, shared_amp, own_amp in zip(outputs, gains, shared_amps, own_amps):
             out[part] = scipy.fft.irfft2(spectrum * gain, s=shape_padded, workers=-1)[crop]
@@ -230,7 +240,7 @@ def _filter_stack(hu, spacing_xy, filters, seed, noise_scale, hu_range, chunk, d
                 continue
             noise = shared * shared_amp  # one quantum-noise realisation for every kernel
             if own_amp.any():
-                noise += scipy.fft.rfft2(rng.standard_normal(shape, dtype=np.float32), workers=-1) * own_amp
+                noise += _white_spectrum(rng, shape) * own_amp
             noise = scipy.fft.irfft2(noise, s=shape_padded, workers=-1)[crop]
             if amplitude is not None:
                 noise *= amplitude
