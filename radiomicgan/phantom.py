@@ -69,10 +69,15 @@ def make_chest_phantom(
     # carbon-fibre shells around a foam core (HU read off the real chest slice). Its shells meet the air floor
     # and cross the image border at different heights left and right, where the image wraps for any FFT filter.
     below = y - (124.0 + 0.03 * x - 0.0002 * x**2)
-    paint((below >= 0.0) & (below < 2.5), 180.0, "table")
-    paint((below >= 2.5) & (below < 30.0), -930.0 + 8.0 * coarse, "table")
-    paint((below >= 30.0) & (below < 32.5), 220.0, "table")
-    paint((np.abs(x) < 120.0) & (below >= 32.5), -925.0 + 8.0 * coarse, "table")
+    rows = np.nonzero((below >= 0.0).any(axis=(0, 2)))[0]
+    if rows.size:  # worked out on the rows under the back only
+        band = (slice(None), slice(rows[0], None), slice(None))
+        b, foam = below[band], -928.0 + 8.0 * coarse[band]
+        for mask, value in (((b >= 0.0) & (b < 2.5), 180.0), ((b >= 2.5) & (b < 30.0), foam),
+                            ((b >= 30.0) & (b < 32.5), 220.0), ((np.abs(x) < 120.0) & (b >= 32.5), foam)):
+            mask = np.broadcast_to(mask, foam.shape)
+            hu[band][mask] = value if np.isscalar(value) else value[mask]
+            labels[band][mask] = LABELS["table"]
 
     # Body: skin and subcutaneous fat, muscle wall, mediastinal soft tissue; slightly wider lower down.
     widen = 1.0 + 0.08 * np.clip((z - 100.0) / 200.0, 0, 1)
