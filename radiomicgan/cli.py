@@ -149,6 +149,21 @@ def cmd_simulate(args) -> int:
     from .io import check_output_path, check_output_volume, check_writable, read_volume, write_volume
     from .simulate import rekernel_volume, simulate_phantom_pairs
 
+    if args.pairs:
+        from .simulate import rekernel_folder_pairs
+
+        if not args.from_volume or not args.kernel:
+            raise RadiomicGANError("--pairs needs --from FOLDER_OF_SCANS and --kernel NAME (the kernel to simulate)")
+        if args.out:
+            raise RadiomicGANError("--pairs names the output folder; leave out --out")
+        manifest, count = rekernel_folder_pairs(
+            args.from_volume, args.pairs, args.kernel, args.source_kernel, seed=args.seed, noise_scale=args.noise_scale,
+            suffix=args.format, overwrite=args.overwrite,
+        )
+        print(f"wrote {count} pair(s) (source: simulated {args.kernel.upper()}, target: the scan) and {manifest}")
+        return 0
+    if not args.out:
+        raise RadiomicGANError("simulate needs --out (or --pairs DIR with --from FOLDER)")
     if args.from_volume:
         if not args.kernel:
             raise RadiomicGANError("--from needs --kernel NAME (the kernel to simulate)")
@@ -218,6 +233,13 @@ def cmd_calibrate(args) -> int:
     pairs, noises = calibrate(images, spacing)
     print(f"pixel spacing {spacing:.4f} mm")
     print(format_report(pairs, noises))
+    if not args.no_realism:
+        from .calibration import _preset, format_realism, realism
+
+        names = list(images)
+        for a, b in zip(names, names[1:]):
+            if _preset(a) and _preset(b) and _preset(a) != _preset(b):
+                print(format_realism(realism(images[a], images[b], spacing, _preset(a).name, _preset(b).name)))
     if args.fit:
         print("Refitted presets (transfer (1 + c f^2) exp(-a f^2 - b f^4), NPS = noise f T^2):")
         for name, values in fit_presets(pairs, noises).items():
@@ -386,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="make paired kernel data: phantom pairs, or re-kernel a scan (--from)")
-    sim.add_argument("--out", required=True, help="folder for phantom pairs; output volume with --from")
+    sim.add_argument("--out", help="folder for phantom pairs; output volume with --from")
+    sim.add_argument("--pairs", metavar="DIR", help="with --from FOLDER: re-kernel every scan in it and write a pairs "
+                     "manifest here (source: the simulated --kernel, target: the scan), to train without paired scans")
     sim.add_argument("--from", dest="from_volume", help="re-kernel this volume (DICOM folder or file, NRRD, NIfTI, MetaImage)")
     sim.add_argument("--kernel", help="kernel to simulate (with --from), or the target kernel of phantom pairs (default B50)")
     sim.add_argument("--source-kernel", help="kernel of the --from volume when its tag does not say; source kernel of phantom pairs (default B30)")
@@ -412,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm when the headers lost it")
     cal.add_argument("--out", help="folder for calibration.png")
     cal.add_argument("--fit", action="store_true", help="also print presets refitted to these images")
+    cal.add_argument("--no-realism", action="store_true",
+                     help="skip comparing simulated pairs with each pair of neighbouring kernels (coherence, fitted filter gain)")
     cal.set_defaults(func=cmd_calibrate)
 
     tr = sub.add_parser("train", help="train RadiomicGAN (DWT) or a baseline on paired data")
