@@ -70,8 +70,9 @@ def flops_per_slice(loaded: LoadedModel, size: int, device: str) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, 1, size, size, device=device)
+    generator = loaded.generator.to(device)  # the model may still be on the CPU it was built on
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        loaded.generator(x)
+        generator(x)
     return float(counter.get_total_flops())
 
 
