@@ -146,8 +146,13 @@ class ComparisonRun:
         code = self.process.poll()
         if code is not None:
             self.cleanup()
-            if code == 0 and self.results is None and self.scene is not None:
-                self.results = load_results(self.scene, self.report_folder)
+            if code == 0 and self.results is None:
+                if self.legend:  # which label of which label-map file was which segment or box
+                    import json
+
+                    (self.report_folder / "roi_names.json").write_text(json.dumps(self.legend, indent=2) + "\n")
+                if self.scene is not None:
+                    self.results = load_results(self.scene, self.report_folder)
         return code
 
     def wait(self, timeout: float | None = None) -> int:

@@ -197,7 +197,7 @@ def comparison(tmp_path_factory):
         masks[f"s{k}"] = m
     segmentation = _segmentation_from(scene, reference, masks)
     rois = []
-    for k, (y, x) in enumerate([(20, 20), (4, 20), (20, 4)]):  # overlapping the segments on purpose
+    for k, (y, x) in enumerate([(20, 20), (4, 20), (20, 4), (23, 23)]):  # overlapping the segments and each other
         centre = _ijk_to_ras(reference) @ np.array([x + 4.5, y + 4.5, 1.0, 1.0])
         rois.append(_roi(scene, centre[:3], (6.0, 6.0, 4.0)))
     before = slicer.util.arrayFromVolume(reference).copy()
@@ -218,10 +218,14 @@ def test_comparison_runs_in_the_background_and_fills_tables(comparison):
     assert results.report.is_file() and results.report.parent == root / "report"
     summary = json.loads((root / "report" / "summary.json").read_text())
     assert set(summary["groups"]) == {"segments", "boxes"}
-    assert summary["groups"]["segments"]["rois"] == 4 and summary["groups"]["boxes"]["rois"] == 3
+    assert summary["groups"]["segments"]["rois"] == 4 and summary["groups"]["boxes"]["rois"] == 4
+    legend = json.loads((root / "report" / "roi_names.json").read_text())
+    assert sorted(n for names in legend["segments"].values() for n in names.values()) == ["s0", "s1", "s2", "s3"]
+    assert len(legend["boxes"]) == 2  # the two overlapping boxes cannot share one label map
+    assert sorted(n for names in legend["boxes"].values() for n in names.values()) == ["roi", "roi (2)", "roi (3)", "roi (4)"]
     # summary table: one row per candidate and group, the counts of summary.json
     table = results.summary_table
-    assert table.GetNumberOfRows() == 4
+    assert table.GetNumberOfRows() == 4  # 2 candidates x 2 groups
     rows = list(zip(column(table, "candidate"), column(table, "ROI group"), column(table, "reproducible"), column(table, "ROIs")))
     for candidate, group, count, n in rows:
         assert count == summary["groups"][group][candidate]["reproducible"]
@@ -265,6 +269,22 @@ def test_counts_plot_has_a_bar_series_per_candidate(comparison):
         assert column(counts, candidate) == [run.results.summary["groups"][g][candidate]["reproducible"] for g in groups]
     again = load_results(scene, root / "report")  # the same folder loads the same numbers
     assert column(again.counts_table, "copy") == column(counts, "copy")
+
+
+def test_cancelled_comparison_leaves_nothing(comparison, tmp_path):
+    scene, run, root = comparison
+    reference = scene.GetFirstNodeByName("B50")
+    (tmp_path / "fast.yaml").write_text(FAST_PARAMS)
+    cancelled = ComparisonRun(scene, reference, [scene.GetFirstNodeByName("B30")], tmp_path / "report",
+                              hu_ranges=[(-100, 250)], per_range=3, params=tmp_path / "fast.yaml", workers=1).start()
+    work = cancelled.work
+    assert work.is_dir() and cancelled.running
+    nodes = scene.GetNumberOfNodes()
+    cancelled.cancel()
+    assert not cancelled.running and cancelled.process.returncode != 0 and cancelled.poll() != 0
+    assert not (tmp_path / "report").exists() and not work.exists()
+    assert not list(tmp_path.glob(".report.partial-*")) and cancelled.results is None
+    assert scene.GetNumberOfNodes() == nodes
 
 
 def test_comparison_refuses_a_used_report_folder(comparison, tmp_path):
@@ -381,3 +401,43 @@ def test_training_command_carries_the_panel_settings(tmp_path):
     args = build_parser().parse_args(command[3:])
     assert (args.epochs, args.steps_per_epoch, args.th_acc, args.th_eta, args.th_fail, args.lr, args.batch, args.schedule,
             args.device, args.resume) == (7, 11, 0.6, 3, 0.4, 2e-4, 2, "dwt", "cpu", True)
+
+
+# ------------------------------------------------------------------------------------------ panel wiring
+
+CONNECTABLE = {  # annotation -> widget classes Slicer's parameterNodeWrapper has a GUI connector for (5.6+)
+    "bool": {"QCheckBox", "QPushButton"}, "int": {"QSpinBox", "QSlider"}, "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+    "str": {"QComboBox", "QLineEdit", "QTextEdit"}, "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
+}
+
+
+def test_every_bound_widget_has_a_parameter_of_a_connectable_type():
+    """Each SlicerParameterName in the .ui names a parameter of the wrapper class whose type Slicer can connect
+    to that widget class (connectGui raises otherwise, in front of the user)."""
+    import ast
+    import xml.etree.ElementTree as ET
+
+    from helpers import REPO
+
+    tree = ast.parse((REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text())
+    wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
+    fields = {}
+    for item in wrapper.body:
+        if isinstance(item, ast.AnnAssign):
+            annotation = item.annotation
+            if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+                annotation = annotation.slice.elts[0]
+            fields[item.target.id] = ast.unparse(annotation)
+    ui = ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui")
+    bound = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget.get("class")
+    assert bound and set(bound) <= set(fields), set(bound) - set(fields)
+    for name, widget_class in bound.items():
+        kind = fields[name]
+        allowed = {"qMRMLNodeComboBox"} if kind.startswith("vtkMRML") else CONNECTABLE.get(kind, set())
+        assert widget_class in allowed, (name, kind, widget_class)
+    unbound = set(fields) - set(bound)
+    assert unbound == {"device", "candidateVolumes", "roiBoxes"}  # synchronised by the widget itself
