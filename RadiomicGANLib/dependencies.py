@@ -10,7 +10,7 @@ import importlib.util
 
 # import name -> pip requirement
 REQUIREMENTS = {
-    "pydicom": "pydicom>=3.0",
+    "pydicom": "pydicom>=2.4",  # Slicer ships 2.4.x; its DICOM module needs it: never upgraded by us
     "scipy": "scipy>=1.10",
     "skimage": "scikit-image>=0.22",
     "matplotlib": "matplotlib>=3.7",

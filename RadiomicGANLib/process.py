@@ -9,15 +9,20 @@ Machine-readable output of the core's command line (``radiomicgan harmonize|trai
 
 - progress: a line ``PROGRESS {json}`` on stderr, flushed; read it with ``parse_progress(line)``. Keys:
   ``task`` ("harmonize" or "train"), ``stage``, ``done``, ``total`` (integers, done <= total) and ``fraction``
-  (done / total, 0..1). harmonize: stage "harmonize" counts slices; stage "gradcam" (done 0 then 1 of 1) brackets
-  the Grad-CAM maps; stage "write" (0 of 1) precedes writing the outputs. train: stage "epoch" counts epochs
-  completed (``done`` of ``total`` = the configured epochs, also when resuming), and carries the epoch record's
-  ``epoch``, ``window``, ``next_window``, ``loss_g``, ``loss_d``, ``l1``, ``accuracy``, ``val_psnr_db``,
-  ``val_input_psnr_db`` where present; a first line with done = the epochs already done is printed at start.
-  Per-step values are in the model folder's ``train_log.jsonl`` (read it for plots).
+  (done / total, 0..1). A stage's first and last lines are always printed, others at most every 0.25 s.
+  harmonize: stage "harmonize" counts slices; with Grad-CAM, a line stage "gradcam" done 0 of 1 follows when the
+  slices are done (the maps take about as long again); then the outputs are written: exit status 0 means all
+  written. train: one line per completed epoch, stage "epoch", ``done`` = epoch index + 1 (a resumed run goes on
+  counting) of ``total`` = the configured epochs, with the epoch record's
+  ``epoch`` (0-based), ``window``, ``next_window``, ``loss_g``, ``loss_d``, ``l1``, ``accuracy``, ``val_psnr_db``
+  and ``val_input_psnr_db`` where present (closed-form methods, filter and histmatch, print none). Per-step
+  values are in the model folder's ``train_log.jsonl`` (read it for plots).
 - warnings: lines starting ``radiomicgan: warning: `` (CPU fallback, kernel mismatch, ...); ``warning_text(line)``.
 - a problem with the user's input: one line ``radiomicgan: error: ...`` and exit status 2; cancelled by Ctrl-C
   (SIGINT): exit status 130. A killed process (``cancel()``) has a negative status on POSIX.
+- training stops gracefully at the next step when the file ``--cancel-file`` (default OUT/CANCEL) appears, keeping
+  the last complete epoch (resumable); ``cancel()`` kills at once (the folder then holds the last complete epoch
+  too, as checkpoints are written atomically).
 """
 
 from __future__ import annotations

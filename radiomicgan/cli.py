@@ -53,6 +53,31 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+PROGRESS_PREFIX = "PROGRESS "  # --progress-json lines on stderr, parsed by the Slicer modules (RadiomicGANLib/process.py)
+EPOCH_PROGRESS_KEYS = ("epoch", "window", "next_window", "loss_g", "loss_d", "l1", "accuracy", "val_psnr_db", "val_input_psnr_db")
+
+
+def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
+    """A function(stage, done, total, **extra) printing one ``PROGRESS {json}`` line to stderr, at most every
+    ``interval`` seconds except for a stage's first and last steps; a no-op when not ``enabled``."""
+    import time
+
+    last = {"time": 0.0, "stage": None}
+
+    def emit(stage: str, done: int, total: int, **extra) -> None:
+        if not enabled:
+            return
+        now = time.monotonic()
+        if done < total and stage == last["stage"] and now - last["time"] < interval:
+            return
+        last["time"], last["stage"] = now, stage
+        record = {"task": task, "stage": stage, "done": int(done), "total": int(total),
+                  "fraction": round(done / total, 4) if total else 1.0, **extra}
+        print(PROGRESS_PREFIX + json.dumps(record), file=sys.stderr, flush=True)
+
+    return emit
+
+
 def cmd_simulate(args) -> int:
     from .io import check_output_path, read_volume, write_volume
     from .simulate import rekernel_volume, simulate_phantom_pairs
@@ -145,7 +170,13 @@ def cmd_train(args) -> int:
         vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
         val_slices=args.val_slices,
     )
-    card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None)
+    emit = _progress_lines(args.progress_json, "train")
+
+    def on_epoch(record: dict) -> None:
+        emit("epoch", record["epoch"] + 1, config.epochs, **{k: record[k] for k in EPOCH_PROGRESS_KEYS if k in record})
+
+    card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None,
+                 on_epoch=on_epoch)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         v = card.get("validation", {})
         status = card.get("training", {}).get("status", "completed")
@@ -160,11 +191,15 @@ def cmd_harmonize(args) -> int:
     from .harmonize import Harmonizer, harmonize_file
 
     harmonizer = Harmonizer(args.model, device=args.device, batch=args.batch, compile=args.compile)
-    with tqdm(desc="harmonize", unit="slice", disable=not sys.stderr.isatty()) as bar:
+    emit = _progress_lines(args.progress_json, "harmonize")
+    with tqdm(desc="harmonize", unit="slice", disable=args.progress_json or not sys.stderr.isatty()) as bar:
         def progress(done, total):
             bar.total = total
             bar.n = done
             bar.refresh()
+            emit("harmonize", done, total)
+            if done == total and args.gradcam:
+                emit("gradcam", 0, 1)
 
         result = harmonize_file(args.input, harmonizer, args.out, gradcam_output=args.gradcam, series_uid=args.series,
                                 overwrite=args.overwrite, th_fail=args.th_fail, progress=progress)
@@ -318,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
+    tr.add_argument("--progress-json", action="store_true",
+                    help="print a machine-readable line 'PROGRESS {json}' to stderr after each epoch (for the Slicer module)")
     tr.set_defaults(func=cmd_train)
 
     hz = sub.add_parser("harmonize", help="harmonize a CT volume with a trained model; optionally map Grad-CAM windows")
@@ -333,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     hz.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA; pays off on large volumes)")
     hz.add_argument("--series", help="SeriesInstanceUID when the input folder holds several series")
     hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    hz.add_argument("--progress-json", action="store_true",
+                    help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
     hz.set_defaults(func=cmd_harmonize)
 
     ev = sub.add_parser("evaluate", help="radiomic reproducibility (CCC) and PSNR/SSIM of candidates against a reference")

@@ -272,6 +272,8 @@ def harmonize_volume(
 ) -> HarmonizeResult:
     """A volume in, its harmonized copy out (same geometry; the input is not changed)."""
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
+    if gradcam and harmonizer.model.discriminator is None:  # refuse before the work, not after the whole volume
+        raise RadiomicGANError(f"method '{harmonizer.model.method}' has no discriminator: no Grad-CAM; harmonize without it")
     warning = check_kernel(volume, harmonizer.model)
     if warning:
         warnings.warn(warning)

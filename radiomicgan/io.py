@@ -263,12 +263,22 @@ def _slice_hu(path: Path, ds: Dataset) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as exc:
-        if not getattr(transfer_syntax, "is_compressed", False):
+        if not _is_compressed(transfer_syntax):
             raise CTInputError(f"{path}: truncated or corrupt pixel data ({type(exc).__name__}: {str(exc)[:100]})") from None
         return _slice_hu_with_gdcm(path, transfer_syntax)
     if stored.ndim != 2:
         raise CTInputError(f"{path}: pixel data of shape {stored.shape}; expected one grayscale slice")
     return stored.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _is_compressed(transfer_syntax) -> bool:
+    """pydicom 2.4 raises ValueError for syntaxes newer than itself (e.g. HTJ2K); every new one is encapsulated."""
+    try:
+        return bool(transfer_syntax.is_compressed)
+    except AttributeError:
+        return False
+    except ValueError:
+        return True
 
 
 def _slice_hu_with_gdcm(path: Path, transfer_syntax) -> np.ndarray:
@@ -473,12 +483,27 @@ def write_dicom_series(
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.preamble = b"\0" * 128
-            ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
+            save_dicom(ds, tmp / f"IM{k + 1:05d}.dcm")
         move_into_place(tmp, folder, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return folder
+
+
+PYDICOM_MAJOR = int(pydicom.__version__.split(".")[0])
+
+
+def save_dicom(ds: Dataset, path: Path) -> None:
+    """Write a conformant DICOM file (preamble, file meta) with pydicom 3 and with pydicom 2.4, the version that
+    Slicer 5.6-5.10 ship: 3 takes ``enforce_file_format``; 2.4 takes ``write_like_original=False`` and needs the
+    encoding set on the dataset (3 derives it from the transfer syntax and deprecates those attributes)."""
+    if PYDICOM_MAJOR >= 3:
+        ds.save_as(path, enforce_file_format=True)
+        return
+    syntax = ds.file_meta.TransferSyntaxUID
+    ds.is_little_endian, ds.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+    ds.save_as(path, write_like_original=False)
 
 
 def move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:

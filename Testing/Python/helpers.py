@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -58,6 +59,34 @@ def make_ct_dataset(
     return ds
 
 
+def save_dataset(ds: Dataset, path: Path) -> None:
+    """A conformant file with pydicom 3 or 2.4 (Slicer's version), written without the project's code."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        syntax = ds.file_meta.TransferSyntaxUID
+        try:
+            ds.is_little_endian, ds.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+        except ValueError:  # an encapsulated syntax newer than pydicom 2.4 (e.g. HTJ2K): 2.4's writer refuses it
+            _save_unknown_encapsulated(ds, path)
+            return
+        ds.save_as(path, write_like_original=False)
+
+
+def _save_unknown_encapsulated(ds: Dataset, path: Path) -> None:
+    """Preamble, file meta, then the dataset as explicit VR little endian with undefined-length pixel data."""
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds["PixelData"].is_undefined_length = True
+    with open(path, "wb") as raw:
+        raw.write(ds.preamble + b"DICM")
+        out = DicomFileLike(raw)
+        write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+        out.is_little_endian, out.is_implicit_VR = True, False
+        write_dataset(out, ds)
+
+
 def write_ct_series(
     folder: Path,
     hu: np.ndarray,
@@ -79,7 +108,7 @@ def write_ct_series(
         position = positions[k] if positions is not None else (origin[0], origin[1], origin[2] + k * spacing_z)
         ds = make_ct_dataset(stored[k], position, series_uid=series_uid, study_uid=study_uid, frame_uid=frame_uid, instance=int(k) + 1,
                              spacing=(spacing_xy[1], spacing_xy[0]), **kwargs)
-        ds.save_as(folder / f"file{n:03d}.dcm", enforce_file_format=True)
+        save_dataset(ds, folder / f"file{n:03d}.dcm")
     return {"series_uid": series_uid, "study_uid": study_uid, "frame_uid": frame_uid}
 
 

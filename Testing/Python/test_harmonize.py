@@ -200,8 +200,10 @@ def test_baseline_models_harmonize_too(tmp_path, scan):
     train(tmp_path / "pairs", tmp_path / "filter", TrainConfig(method="filter"), progress=False)
     result = harmonize_volume(scan, tmp_path / "filter", device="cpu")
     assert result.volume.shape == scan.shape and not np.array_equal(result.volume.hu, np.rint(scan.hu))
-    with pytest.raises(RadiomicGANError, match="no discriminator"):
-        harmonize_volume(scan, tmp_path / "filter", device="cpu", gradcam=True)
+    seen = []
+    with pytest.raises(RadiomicGANError, match="no discriminator"):  # refused up front, not after the volume
+        harmonize_volume(scan, tmp_path / "filter", device="cpu", gradcam=True, progress=lambda *a: seen.append(a))
+    assert seen == []
 
 
 def test_harmonize_command(model_dir, tmp_path, capsys, scan):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from helpers import make_ct_dataset, ramp_volume, write_ct_series
+from helpers import make_ct_dataset, ramp_volume, save_dataset, write_ct_series
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
@@ -103,7 +103,7 @@ def test_rle_compressed_series_decodes(tmp_path):
     for f in (tmp_path / "s").iterdir():
         ds = pydicom.dcmread(f)
         ds.compress(RLELossless)
-        ds.save_as(f, enforce_file_format=True)
+        save_dataset(ds, f)
     assert pydicom.dcmread(next((tmp_path / "s").iterdir())).file_meta.TransferSyntaxUID == RLELossless
     np.testing.assert_array_equal(read_volume(tmp_path / "s").hu, hu)
 
@@ -175,7 +175,7 @@ def test_compressed_syntax_without_decoder(tmp_path, syntax):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
         ds.PixelData = encapsulate([b"\x00\x01" * 50])
         ds["PixelData"].VR = "OB"
-        ds.save_as(f, enforce_file_format=True)
+        save_dataset(ds, f)
     message = _error(tmp_path / "s")
     assert f"compressed transfer syntax {syntax}" in message and "no installed decoder" in message
 
@@ -254,7 +254,7 @@ def test_scan_ignores_non_image_dicom_and_stray_files(tmp_path):
     (tmp_path / "s" / "thumbs.db").write_bytes(b"\x00" * 50)
     ds = make_ct_dataset(np.zeros((4, 4)), (0, 0, 0), series_uid=generate_uid(), study_uid=generate_uid(), instance=1)
     del ds.PixelData  # e.g. a structured report: no pixels
-    ds.save_as(tmp_path / "s" / "report.dcm", enforce_file_format=True)
+    save_dataset(ds, tmp_path / "s" / "report.dcm")
     series = scan_dicom_folder(tmp_path / "s")
     assert [len(v) for v in series.values()] == [2]
 
