@@ -349,6 +349,8 @@ def test_cancel_keeps_the_last_complete_epoch(cancelled_training):
     assert card["training"]["status"] == "cancelled"
     assert 1 <= card["training"]["epochs_done"] < 4
     assert not run.cancel_flag.exists()
+    assert run.progress["task"] == "train" and run.progress["stage"] == "epoch"  # the core's --progress-json lines
+    assert run.progress["done"] == card["training"]["epochs_done"] and run.progress["total"] == 4
     model = load_model(root / "model")
     assert model.generator is not None
     torch.load(root / "model" / "checkpoint.pt", weights_only=True)
