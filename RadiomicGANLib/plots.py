@@ -174,6 +174,9 @@ class TrainingPlots:
     def nodes(self) -> list:
         return [self.epochs, self.steps, *self.charts.values()]
 
+    def series_nodes(self) -> list:
+        return [chart.GetNthPlotSeriesNode(k) for chart in self.charts.values() for k in range(chart.GetNumberOfPlotSeriesNodes())]
+
 
 def load_cam_samples(scene, model_folder, name: str | None = None):
     """The Grad-CAM samples a training wrote (gradcam_samples.npz: source, synthesized, cam), as volume nodes whose

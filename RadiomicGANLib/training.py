@@ -107,6 +107,8 @@ class TrainingRun:
         self.errors: list[str] = []
         self.process: BackgroundProcess | None = None
         self._cancel_asked: float | None = None
+        self._created = False
+        self._finished = False
         self._cam_mtime: float | None = None
 
     def command(self) -> list[str]:
@@ -118,6 +120,7 @@ class TrainingRun:
     def start(self) -> "TrainingRun":
         if self.cancel_flag.exists():  # left by an earlier cancel: the trainer would stop at once
             self.cancel_flag.unlink()
+        self._created = not self.folder.exists()
         if self.scene is not None:
             from .plots import TrainingPlots
 
@@ -148,9 +151,26 @@ class TrainingRun:
         if code is None and self._cancel_asked is not None and time.monotonic() - self._cancel_asked > self.grace_s:
             self.process.cancel()  # did not stop within the grace period: kill the tree
             code = self.process.poll()
-        if code is not None and self.cancel_flag.exists():
-            self.cancel_flag.unlink()
+        if code is not None and not self._finished:
+            self._finish(code)
         return code
+
+    def _finish(self, code: int) -> None:
+        """A run that ended without a model (failed or killed before its first epoch) leaves nothing behind: no
+        folder it created, no empty plot nodes."""
+        import shutil
+
+        from radiomicgan.modelio import CARD_NAME
+
+        self._finished = True
+        if self.cancel_flag.exists():
+            self.cancel_flag.unlink()
+        if code != 0 and self._created and not (self.folder / CARD_NAME).exists():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if code != 0 and self.plots is not None and not self.plots.records:
+            for node in self.plots.series_nodes() + self.plots.nodes:
+                self.scene.RemoveNode(node)
+            self.plots = None
 
     def cam_samples_changed(self) -> bool:
         """True once each time the training (re)writes its Grad-CAM samples."""

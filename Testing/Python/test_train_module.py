@@ -392,6 +392,37 @@ def test_gradcam_samples_become_volume_nodes(cancelled_training):
         assert slicer.util.arrayFromVolume(image).shape == data["synthesized"].shape
 
 
+def test_failed_training_leaves_no_folder_and_no_nodes(tmp_path, scene):
+    settings = TrainingSettings(epochs=1, steps_per_epoch=1, device="cpu", vgg_weights="random")
+    run = TrainingRun(tmp_path / "no-such-pairs", tmp_path / "model", settings, scene=scene).start()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 4
+    assert run.wait(timeout=300) == 2  # a problem with the input: one line and exit status 2
+    assert len(run.errors) == 1 and "manifest" in run.errors[0]
+    assert not (tmp_path / "model").exists() and run.plots is None
+    assert scene.GetNumberOfNodes() == 0
+
+
+def test_training_killed_after_the_grace_period_leaves_nothing(tmp_path, scene):
+    from radiomicgan.simulate import simulate_phantom_pairs
+
+    manifest = simulate_phantom_pairs(tmp_path / "pairs", 1, size=32, slices=1)
+    settings = TrainingSettings(schedule="none", epochs=50, steps_per_epoch=1000, batch=1, crop=32, device="cpu",
+                                vgg_weights="random", val_slices=1)
+    run = TrainingRun(manifest, tmp_path / "model", settings, scene=scene, grace_s=0.0).start()
+    pid = run.process.pid
+    import time
+
+    time.sleep(3.0)  # the trainer is starting or in its first epoch
+    run.request_cancel()
+    code = run.wait(timeout=120)
+    assert code != 0 and run.process.cancelled
+    import os
+
+    with pytest.raises(ProcessLookupError):  # the whole process group is gone
+        os.killpg(pid, 0)
+    assert not (tmp_path / "model").exists() and scene.GetNumberOfNodes() == 0
+
+
 def test_training_command_carries_the_panel_settings(tmp_path):
     settings = TrainingSettings(method="radiomicgan", schedule="dwt", epochs=7, steps_per_epoch=11, th_acc=0.6, th_eta=3,
                                 th_fail=0.4, lr=2e-4, batch=2, device="cpu")
