@@ -46,9 +46,20 @@ def volume_from_node(node, kernel: str | None = None) -> CTVolume:
 def add_volume_node(scene, volume: CTVolume, name: str, dtype=np.int16):
     """A new scalar volume node holding ``volume`` (HU as int16, as CT is stored, unless ``dtype`` says
     otherwise) in its LPS geometry."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    set_volume_node(node, volume, dtype)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(1600, -200)  # lung and mediastinum at once: [-1000, 600] HU
+    return node
+
+
+def set_volume_node(node, volume: CTVolume, dtype=np.int16):
+    """Put ``volume`` (voxels, LPS geometry, kernel tag) into an existing node, e.g. a chosen output node."""
     from slicer.util import updateVolumeFromArray
 
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
     lps = volume.direction_matrix * np.asarray(volume.spacing)[None, :]
     ras = RAS_FROM_LPS @ lps
     origin = RAS_FROM_LPS @ np.asarray(volume.origin)
@@ -64,12 +75,31 @@ def add_volume_node(scene, volume: CTVolume, name: str, dtype=np.int16):
     updateVolumeFromArray(node, voxels.astype(dtype))
     if volume.meta.kernel:
         node.SetAttribute(KERNEL_ATTRIBUTE, volume.meta.kernel)
-    node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    if display is not None:
-        display.AutoWindowLevelOff()
-        display.SetWindowLevel(1600, -200)  # lung and mediastinum at once: [-1000, 600] HU
+    else:
+        node.RemoveAttribute(KERNEL_ATTRIBUTE)
     return node
+
+
+def set_window(node, window) -> None:
+    """Show ``node`` with the HU window (lo, hi), e.g. the Grad-CAM hot-spot window."""
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValueError(f"not a window: [{lo}, {hi}]")
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(hi - lo, (hi + lo) / 2)
+
+
+def show_thresholded(node, threshold: float) -> None:
+    """A 0..1 map shown as a colour overlay only where it exceeds ``threshold`` (transparent elsewhere)."""
+    display = node.GetDisplayNode()
+    if display is None:
+        return
+    display.SetApplyThreshold(1)
+    display.SetLowerThreshold(float(threshold))
+    display.SetUpperThreshold(1.0)
 
 
 def simulate_kernel_node(scene, input_node, kernel: str, source_kernel: str | None = None, seed: int = 0):

@@ -14,7 +14,6 @@ from helpers import REPO, ramp_volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
 
-from RadiomicGANLib import dependencies  # noqa: E402
 from RadiomicGANLib.mrml import (  # noqa: E402
     KERNEL_ATTRIBUTE,
     add_volume_node,
@@ -147,16 +146,6 @@ def test_volume_from_node_rejects_empty_node(scene):
         volume_from_node(node)
 
 
-def test_dependency_prompt(monkeypatch):
-    assert dependencies.missing_requirements() == []  # the test environment has everything
-    monkeypatch.setitem(dependencies.REQUIREMENTS, "radiomicgan_no_such_pkg", "radiomicgan-no-such-pkg>=1")
-    asked, installed = [], []
-    assert not dependencies.ensure_dependencies(lambda text: asked.append(text) or False, installed.append)
-    assert "radiomicgan-no-such-pkg>=1" in asked[0] and installed == []
-    assert not dependencies.ensure_dependencies(lambda text: True, installed.append)  # install ran, still missing
-    assert installed == ["radiomicgan-no-such-pkg>=1"]
-
-
 # ------------------------------------------------------------------------------------------ layout
 
 
@@ -171,7 +160,11 @@ def test_extension_layout():
         assert (REPO / path).exists(), path
     s4ext = dict(line.split(" ", 1) for line in (REPO / "RadiomicGAN.s4ext").read_text().splitlines()
                  if line.strip() and not line.startswith("#") and " " in line)
-    assert s4ext["category"] == "Filtering" and s4ext["depends"] == "PyTorch"
+    assert s4ext["category"] == "Filtering" and s4ext["depends"].split() == ["PyTorch", "SlicerRadiomics"]
+    import json  # the three descriptions of the extension agree on its dependencies
+
+    assert json.loads((REPO / "RadiomicGAN.json").read_text())["build_dependencies"] == ["PyTorch", "SlicerRadiomics"]
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch SlicerRadiomics"\)', (REPO / "CMakeLists.txt").read_text())
 
 
 def test_cmake_lists_every_core_and_module_file():

@@ -1,0 +1,256 @@
+"""Harmonize a loaded volume in the background: the input node is written to a temporary NRRD, the core's
+command line (``radiomicgan harmonize ... --progress-json``) runs in a ``BackgroundProcess``, and the results are
+loaded back as new nodes only when it succeeded. A cancelled or failed run adds nothing to the scene and leaves
+no file behind; the views are the widget's business and are only touched after success.
+
+Everything takes the scene as an argument and imports no qt: it runs under pytest with slicer-core.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .process import BackgroundProcess, core_command, error_text, parse_progress, warning_text
+
+DISCRIMINATOR_METHODS = ("radiomicgan", "pix2pix")  # the others have no discriminator, hence no Grad-CAM
+FIGURES = ("windows.png", "gradcam_samples.png", "losses.png", "validation.png")
+
+
+# ------------------------------------------------------------------------------------------------ model card
+
+
+def read_model_card(folder) -> dict:
+    """The model's card (model.json) without loading torch; ValueError with a one-line reason otherwise."""
+    from radiomicgan.modelio import CARD_NAME, METHODS, MODEL_FORMAT, WEIGHTS_NAME
+
+    if not folder or not str(folder).strip() or not Path(str(folder)).is_dir():
+        raise ValueError("select a model folder made by 'radiomicgan train'")
+    folder = Path(str(folder))
+    try:
+        card = json.loads((folder / CARD_NAME).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder}: not a RadiomicGAN model folder (no {CARD_NAME})") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{folder / CARD_NAME}: unreadable ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
+        raise ValueError(f"{folder / CARD_NAME}: not a {MODEL_FORMAT} model card")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise ValueError(f"{folder}: no {WEIGHTS_NAME}")
+    return card
+
+
+def supports_gradcam(card: dict) -> bool:
+    return card.get("method") in DISCRIMINATOR_METHODS
+
+
+def model_figures(folder) -> list[Path]:
+    """The validation figures training wrote into the folder (window history, Grad-CAM samples, ...)."""
+    folder = Path(str(folder))
+    return [folder / name for name in FIGURES if (folder / name).is_file()]
+
+
+def describe_model(card: dict) -> str:
+    """The card in a few lines for the panel: kernels, method, window, VGG source, validation figures."""
+    training, validation = card.get("training", {}), card.get("validation", {})
+    window = card.get("final_window")
+    lines = [
+        f"{card.get('source_kernel', '?')} -> {card.get('target_kernel', '?')} ({card['method']}"
+        + (f", schedule {card['schedule']}" if card.get("schedule") else "") + ")",
+        f"Final training window: [{window[0]:.0f}, {window[1]:.0f}] HU" if window else "Final training window: -",
+        f"Encoder: {card.get('architecture', {}).get('vgg_source', 'none (no VGG encoder)')}",
+    ]
+    if "psnr_db" in validation:
+        lines.append(f"Validation PSNR: input {validation.get('input_psnr_db', float('nan')):.2f} dB -> model "
+                     f"{validation['psnr_db']:.2f} dB ({validation.get('slices', '?')} slices)")
+    if training:
+        lines.append(f"Trained {training.get('epochs_done', '-')} of {training.get('epochs', '-')} epochs "
+                     f"({training.get('status', 'completed')}) on {training.get('device', '-')}")
+    if not supports_gradcam(card):
+        lines.append("No discriminator: no Grad-CAM for this model")
+    return "\n".join(lines)
+
+
+def available_devices() -> list[tuple[str, str]]:
+    """(label, device) pairs: auto, each CUDA GPU by name, the CPU. torch is only asked when installed."""
+    devices = [("auto (GPU when there is one)", "auto")]
+    if importlib.util.find_spec("torch") is not None:
+        try:
+            import torch
+
+            for index in range(torch.cuda.device_count()):
+                devices.append((f"cuda:{index} ({torch.cuda.get_device_name(index)})", f"cuda:{index}"))
+        except Exception:  # a broken CUDA set-up must not stop the panel: the CPU still works
+            pass
+    devices.append(("CPU", "cpu"))
+    return devices
+
+
+# ------------------------------------------------------------------------------------------------ the job
+
+
+@dataclass
+class HarmonizeResult:
+    volume: object  # the harmonized vtkMRMLScalarVolumeNode
+    gradcam: object = None  # Grad-CAM map of the result (0..1), shown thresholded
+    gradcam_input: object = None  # Grad-CAM map of the input
+    windows: dict | None = None  # hot-spot windows of input and result (the core's _windows.json)
+    warnings: list[str] = field(default_factory=list)
+
+    def __iter__(self):  # output, cam, windows = logic.process(...) reads naturally on the console
+        return iter((self.volume, self.gradcam, self.windows))
+
+
+class HarmonizeJob:
+    """A harmonization running in the background. ``poll()`` from a timer (or ``wait()``); ``cancel()`` kills it.
+
+    ``status``: "running", "completed", "failed" or "cancelled"; ``progress`` 0..1 and ``stage`` from the
+    core's PROGRESS lines; ``warnings`` (CPU fallback, kernel mismatch, ...) and ``error`` for the user.
+    """
+
+    def __init__(self, scene, input_node, model_dir, *, device: str = "auto", batch: int | None = None,
+                 gradcam: bool | None = None, th_fail: float = 0.5, output_node=None, on_output=None, env=None):
+        from radiomicgan.io import write_volume
+
+        from .mrml import volume_from_node
+
+        card = read_model_card(model_dir)
+        if gradcam is None:
+            gradcam = supports_gradcam(card)
+        if gradcam and not supports_gradcam(card):
+            raise ValueError(f"method '{card['method']}' has no discriminator: no Grad-CAM; harmonize without it")
+        if output_node is not None and input_node is not None and output_node.GetID() == input_node.GetID():
+            raise ValueError("the output volume must not be the input volume (inputs are never modified)")
+        volume = volume_from_node(input_node)  # raises for an empty or non-scalar node
+        self.scene, self.input_node, self.output_node = scene, input_node, output_node
+        self.model_dir, self.card, self.gradcam, self.th_fail = Path(str(model_dir)), card, gradcam, th_fail
+        self.status, self.progress, self.stage = "running", 0.0, "starting"
+        self.warnings: list[str] = []
+        self.error: str | None = None
+        self.result: HarmonizeResult | None = None
+        self._on_output = on_output
+        self.workdir = Path(tempfile.mkdtemp(prefix="RadiomicGAN-harmonize-"))
+        try:
+            self.input_path = write_volume(volume, self.workdir / "input.nrrd")
+            self.output_path = self.workdir / "harmonized.nrrd"
+            self.cam_path = self.workdir / "gradcam.nrrd"
+            args = [str(self.input_path), "--model", str(self.model_dir), "--out", str(self.output_path),
+                    "--device", device, "--th-fail", str(th_fail), "--progress-json"]
+            if batch:
+                args += ["--batch", str(int(batch))]
+            if gradcam:
+                args += ["--gradcam", str(self.cam_path)]
+            self.process = BackgroundProcess(core_command("harmonize", *args), env=env, on_output=self._line).start()
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+
+    def _line(self, line: str) -> None:
+        record = parse_progress(line)
+        if record is not None:
+            self.stage = record.get("stage", self.stage)
+            fraction = float(record.get("fraction", 0.0))
+            # slices are the first 50 % when Grad-CAM follows (it takes about as long again)
+            self.progress = (0.5 * fraction if self.stage == "harmonize" else 0.5 + 0.5 * fraction) if self.gradcam else fraction
+        elif warning_text(line) is not None:
+            self.warnings.append(warning_text(line))
+        elif error_text(line) is not None:
+            self.error = error_text(line)
+        if self._on_output is not None:
+            self._on_output(line)
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def poll(self) -> str:
+        """Deliver output; when the process ended, load the results (success) or clean up. Returns the status."""
+        if self.status != "running":
+            return self.status
+        code = self.process.poll()
+        if code is None:
+            return self.status
+        try:
+            if code == 0:
+                self.result = self._load()
+                self.progress, self.status = 1.0, "completed"
+            else:
+                self.status = "failed"
+                if self.error is None:
+                    tail = [line for line in self.process.lines if line.strip() and parse_progress(line) is None][-5:]
+                    self.error = f"harmonization failed (exit status {code})" + (": " + " | ".join(tail) if tail else "")
+        except Exception as exc:  # unreadable output: report, add nothing
+            self.status, self.error = "failed", f"could not load the result: {exc}"
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.status
+
+    def wait(self, timeout: float | None = None) -> HarmonizeResult:
+        """Block until done; the result, or RuntimeError with the core's message."""
+        self.process.wait(timeout)
+        self.poll()
+        if self.status != "completed":
+            raise RuntimeError(self.error or f"harmonization {self.status}")
+        return self.result
+
+    def cancel(self) -> None:
+        """Kill the background process tree; nothing is added to the scene, the temporary files go."""
+        if self.status != "running":
+            return
+        self.process.cancel()
+        self.status = "cancelled"
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _load(self) -> HarmonizeResult:
+        from radiomicgan.io import read_volume
+
+        from .mrml import add_map_node, add_volume_node, set_volume_node, show_thresholded
+
+        volume = read_volume(self.output_path)
+        name = f"{self.input_node.GetName()}_harmonized"
+        cam = cam_input = windows = None
+        if self.gradcam:  # read everything before adding any node
+            cam = read_volume(self.cam_path, check_hu=False)
+            cam_input = read_volume(self.cam_path.with_name("gradcam_input.nrrd"), check_hu=False)
+            windows = json.loads(self.cam_path.with_name("gradcam_windows.json").read_text())
+        if self.output_node is not None:
+            output = set_volume_node(self.output_node, volume)
+        else:
+            output = add_volume_node(self.scene, volume, name)
+        output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.get("target_kernel", "")))
+        output.SetAttribute("RadiomicGAN.Model", str(self.model_dir))
+        result = HarmonizeResult(volume=output, windows=windows, warnings=list(self.warnings))
+        if self.gradcam:
+            result.gradcam = add_map_node(self.scene, cam.hu, volume, f"{name}_GradCAM")
+            result.gradcam_input = add_map_node(self.scene, cam_input.hu, volume, f"{self.input_node.GetName()}_GradCAM")
+            for node in (result.gradcam, result.gradcam_input):
+                show_thresholded(node, self.th_fail)
+        return result
+
+
+def hot_spot_windows(windows: dict | None) -> dict:
+    """{"input": (lo, hi) or None, "harmonized": (lo, hi) or None} from the core's windows record."""
+    out = {}
+    for key in ("input", "harmonized"):
+        span = ((windows or {}).get(key) or {}).get("hot_spot_window_hu")
+        out[key] = (float(span[0]), float(span[1])) if span else None
+    return out
+
+
+def format_windows(windows: dict | None) -> tuple[str, str]:
+    """Texts for the input and result columns: hot-spot HU window, hot fraction, 'standard' probability."""
+    texts = []
+    for key in ("input", "harmonized"):
+        entry = (windows or {}).get(key)
+        if not entry:
+            texts.append("-")
+            continue
+        span = entry.get("hot_spot_window_hu")
+        texts.append((f"[{span[0]:.0f}, {span[1]:.0f}] HU" if span else "no hot spots")
+                     + f"\nhot spots {100 * entry.get('hot_fraction', 0):.1f} % of voxels"
+                     + f"\np(standard) = {entry.get('standard_probability', float('nan')):.2f}")
+    return texts[0], texts[1]

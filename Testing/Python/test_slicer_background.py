@@ -1,0 +1,328 @@
+"""The Slicer modules' background work, without Slicer: the core's command line really runs as a subprocess
+(progress, warnings, cancel that kills the process tree and leaves nothing), results come back as MRML nodes
+of slicer-core with their geometry, and the dependency logic asks once and installs the right things (the
+installers, PyTorchUtils and Slicer's pip, are the one allowed stand-in)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
+
+from RadiomicGANLib import dependencies  # noqa: E402
+from RadiomicGANLib.harmonization import (  # noqa: E402
+    HarmonizeJob,
+    describe_model,
+    format_windows,
+    hot_spot_windows,
+    model_figures,
+    read_model_card,
+    supports_gradcam,
+)
+from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, set_window, volume_from_node  # noqa: E402
+from RadiomicGANLib.process import (  # noqa: E402
+    BackgroundProcess,
+    core_command,
+    parse_progress,
+    python_command,
+    warning_text,
+)
+
+from radiomicgan.io import write_volume  # noqa: E402
+from radiomicgan.simulate import phantom_pair  # noqa: E402
+from radiomicgan.volume import CTMetadata, CTVolume  # noqa: E402
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper is dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from radiomicgan.simulate import simulate_phantom_pairs
+    from radiomicgan.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("models")
+    simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=1)
+    train(root / "pairs", root / "gan", TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random",
+                                                    schedule="none", val_slices=1, device="cpu"), progress=False)
+    train(root / "pairs", root / "filter", TrainConfig(method="filter"), progress=False)
+    return root
+
+
+def _oblique_scan(slices=2, kernel="B30f") -> CTVolume:
+    source, _, _ = phantom_pair(size=32, slices=slices, seed=4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    return CTVolume(hu=source.hu, spacing=(0.7, 0.8, 2.0), origin=(-40.0, 25.0, 90.0),
+                    direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()), meta=CTMetadata(kernel=kernel))
+
+
+def _matrix(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+# ------------------------------------------------------------------------------------------ BackgroundProcess
+
+
+def test_python_and_core_command_outside_slicer():
+    assert python_command() == [sys.executable]
+    assert core_command("harmonize", "x") == [sys.executable, "-m", "radiomicgan.cli", "harmonize", "x"]
+
+
+def test_background_process_runs_the_core_and_delivers_its_lines(tmp_path):
+    seen = []
+    process = BackgroundProcess(core_command("--version"), cwd=tmp_path, on_output=seen.append).start()
+    assert process.wait(120) == 0 and process.returncode == 0 and not process.running
+    assert seen == process.lines and seen[-1].startswith("radiomicgan ")
+    bad = BackgroundProcess(core_command("info", str(tmp_path / "missing.nrrd"))).start()
+    assert bad.wait(120) == 2 and bad.lines[-1].startswith("radiomicgan: error: ")  # one line, no traceback
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    script = ("import subprocess, sys, time\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              "print('child', child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    process = BackgroundProcess(python_command() + ["-c", script]).start()
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("child ") for line in process.lines):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(process.lines[0].split()[1])
+    assert alive(process.pid) and alive(child)
+    process.cancel()
+    assert not process.running and process.returncode is not None and process.returncode != 0
+    assert not alive(process.pid) and not alive(child)
+
+
+def test_harmonize_command_reports_progress_and_cancelled_mid_run_leaves_nothing(models, tmp_path):
+    write_volume(_oblique_scan(slices=4), tmp_path / "scan.nrrd")
+    out = tmp_path / "out"
+    records = []
+
+    def on_output(line):
+        if parse_progress(line):
+            records.append(parse_progress(line))
+
+    process = BackgroundProcess(core_command("harmonize", str(tmp_path / "scan.nrrd"), "--model", str(models / "gan"),
+                                             "--out", str(out / "h.nrrd"), "--gradcam", str(out / "cam.nrrd"),
+                                             "--device", "cpu", "--progress-json"), on_output=on_output).start()
+    deadline = time.monotonic() + 300
+    while not any(r["stage"] == "gradcam" for r in records):  # slices done, Grad-CAM maps running
+        assert process.poll() is None, process.lines
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert records[0] == {"task": "harmonize", "stage": "harmonize", "done": 4, "total": 4, "fraction": 1.0}
+    process.cancel()
+    assert process.returncode < 0 and not alive(process.pid)
+    assert not out.exists() or list(out.iterdir()) == []  # no output, no staged partial file
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["scan.nrrd"]
+
+
+def test_train_command_reports_each_epoch(tmp_path, models):
+    lines = []
+    process = BackgroundProcess(core_command("train", "--pairs", str(models / "pairs"), "--out", str(tmp_path / "m"),
+                                             "--epochs", "2", "--steps-per-epoch", "1", "--batch", "2", "--crop", "32",
+                                             "--vgg-weights", "random", "--val-slices", "1", "--device", "cpu",
+                                             "--progress-json"), on_output=lines.append).start()
+    assert process.wait(600) == 0, lines[-5:]
+    records = [parse_progress(line) for line in lines if parse_progress(line)]
+    assert [(r["task"], r["stage"], r["done"], r["total"]) for r in records] == [("train", "epoch", 1, 2), ("train", "epoch", 2, 2)]
+    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    epochs = [e for e in log if e["event"] == "epoch"]
+    assert [r["val_psnr_db"] for r in records] == [e["val_psnr_db"] for e in epochs]  # the same figures as the log
+    assert records[1]["window"] == epochs[1]["window"] and "loss_g" in records[0]
+
+
+# ------------------------------------------------------------------------------------------ harmonization job
+
+
+def test_model_card_for_the_panel(models, tmp_path):
+    card = read_model_card(models / "gan")
+    assert supports_gradcam(card) and not supports_gradcam(read_model_card(models / "filter"))
+    text = describe_model(card)
+    assert "B30 -> B50 (radiomicgan" in text and "Validation PSNR" in text and "random initialisation" in text
+    assert "no Grad-CAM" in describe_model(read_model_card(models / "filter"))
+    figures = model_figures(models / "gan")
+    assert figures and all(p.suffix == ".png" and p.parent == models / "gan" for p in figures)
+    with pytest.raises(ValueError, match="no model.json"):
+        read_model_card(tmp_path)
+    with pytest.raises(ValueError, match="select a model folder"):
+        read_model_card("")
+
+
+def test_harmonize_job_wait_returns_nodes_with_the_input_geometry(models):
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(kernel="B70f"), "scan")  # not the model's source kernel
+    before = slicer.util.arrayFromVolume(node).copy()
+    lines = []
+    job = HarmonizeJob(scene, node, models / "gan", device="cpu", th_fail=0.4, on_output=lines.append)
+    result = job.wait(300)
+    assert job.status == "completed" and job.progress == 1.0 and not job.workdir.exists()
+    output, cam, windows = result
+    assert output.GetName() == "scan_harmonized" and output.GetAttribute("RadiomicGAN.HarmonizedTo") == "B50"
+    np.testing.assert_allclose(_matrix(output), _matrix(node), atol=1e-9)  # IJK-to-RAS kept
+    np.testing.assert_allclose(_matrix(cam), _matrix(node), atol=1e-9)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)  # input untouched
+    assert slicer.util.arrayFromVolume(output).shape == before.shape
+    values = slicer.util.arrayFromVolume(cam)
+    assert values.dtype == np.float32 and 0 <= values.min() and values.max() <= 1
+    display = cam.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4)  # thresholded overlay
+    assert result.gradcam_input is not None and result.gradcam_input.GetName() == "scan_GradCAM"
+    assert set(windows) >= {"input", "harmonized"}
+    assert any("differs from the model's source kernel" in w for w in job.warnings)  # shown to the user
+    assert any(warning_text(line) for line in lines)
+    spans = hot_spot_windows(windows)
+    left, right = format_windows(windows)
+    for key, text in (("input", left), ("harmonized", right)):
+        assert (spans[key] is None) == ("no hot spots" in text)
+    if spans["harmonized"]:  # the window/level button
+        set_window(output, spans["harmonized"])
+        lo, hi = spans["harmonized"]
+        assert output.GetDisplayNode().GetWindow() == pytest.approx(hi - lo)
+        assert output.GetDisplayNode().GetLevel() == pytest.approx((hi + lo) / 2)
+
+
+def test_harmonize_job_into_a_chosen_output_node(models):
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(), "scan")
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    output, cam, windows = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=target).wait(300)
+    assert output is target and cam is None and windows is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count  # no Grad-CAM for a filter model
+    np.testing.assert_allclose(_matrix(target), _matrix(node), atol=1e-9)
+    assert volume_from_node(target).same_geometry(volume_from_node(node)) and target.GetAttribute(KERNEL_ATTRIBUTE)
+    with pytest.raises(ValueError, match="must not be the input"):
+        HarmonizeJob(scene, node, models / "filter", output_node=node)
+
+
+def test_harmonize_job_cancelled_mid_run_adds_nothing(models):
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(slices=4), "scan")
+    count = scene.GetNumberOfNodes()
+    job = HarmonizeJob(scene, node, models / "gan", device="cpu")
+    deadline = time.monotonic() + 300
+    while job.stage != "gradcam":
+        assert job.poll() == "running", job.process.lines
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert job.progress == pytest.approx(0.5)
+    job.cancel()
+    assert job.status == "cancelled" and job.poll() == "cancelled" and not job.process.running
+    assert not alive(job.process.pid) and not job.workdir.exists()
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_gradcam_without_discriminator_is_refused_up_front(models, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(), "scan")
+    with pytest.raises(ValueError, match="no discriminator"):
+        HarmonizeJob(scene, node, models / "filter", gradcam=True)
+    assert HarmonizeJob(scene, node, models / "filter", device="cpu").gradcam is False  # default follows the model
+    write_volume(_oblique_scan(), tmp_path / "scan.nrrd")
+    process = BackgroundProcess(core_command("harmonize", str(tmp_path / "scan.nrrd"), "--model", str(models / "filter"),
+                                             "--out", str(tmp_path / "h.nrrd"), "--gradcam", str(tmp_path / "cam.nrrd"))).start()
+    assert process.wait(300) == 2
+    assert [line for line in process.lines if "radiomicgan: error:" in line][0].endswith("harmonize without it")
+    assert "Traceback" not in "\n".join(process.lines) and sorted(os.listdir(tmp_path)) == ["scan.nrrd"]
+
+
+def test_failed_job_reports_the_core_error_and_adds_nothing(models):
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(), "scan")
+    count = scene.GetNumberOfNodes()
+    job = HarmonizeJob(scene, node, models / "gan", device="cuda:7")
+    with pytest.raises(RuntimeError) as info:
+        job.wait(300)
+    assert job.status == "failed" and "cuda" in str(info.value).lower() and scene.GetNumberOfNodes() == count
+    assert not job.workdir.exists()
+
+
+# ------------------------------------------------------------------------------------------ dependencies
+
+
+class FakePyTorchUtilsLogic:
+    """Stands in for PyTorchUtils' installer: records what it was asked to install."""
+
+    def __init__(self, result=object()):
+        self.calls, self.result = [], result
+
+    def installTorch(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.result
+
+
+MISSING = {"radiomicgan_no_such_pkg": "radiomicgan-no-such-pkg>=1"}
+
+
+def test_dependencies_satisfied_here_ask_nothing():
+    asked, torch = [], FakePyTorchUtilsLogic()
+    ok, message = dependencies.ensure_dependencies(asked.append, asked.append, torch, need_radiomics=True)
+    assert ok and message == "" and asked == [] and torch.calls == []
+    assert dependencies.satisfied("numpy", "numpy>=1") and not dependencies.satisfied("numpy", "numpy>=999")
+
+
+def test_dependencies_ask_once_and_install_the_right_requirements(monkeypatch):
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")  # this torch is too old
+    asked, pip, torch = [], [], FakePyTorchUtilsLogic()
+    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
+                                                   requirements=MISSING)
+    assert len(asked) == 1 and "torch >=999" in asked[0] and "radiomicgan-no-such-pkg>=1" in asked[0]
+    assert torch.calls == [{"askConfirmation": False, "torchVersionRequirement": ">=999",
+                            "torchvisionVersionRequirement": dependencies.TORCHVISION_REQUIREMENT}]
+    assert pip == [f"radiomicgan-no-such-pkg>=1 numpy=={importlib.metadata.version('numpy')}"]  # numpy kept as it is
+    assert "simpleitk" not in " ".join(pip).lower()
+    assert not ok and "Still missing" in message  # the fakes installed nothing
+
+
+def test_torch_alone_is_asked_by_pytorchutils(monkeypatch):
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
+    asked, pip, torch = [], [], FakePyTorchUtilsLogic(result=None)  # the user declines in PyTorchUtils' dialog
+    ok, message = dependencies.ensure_dependencies(asked.append, pip.append, torch)
+    assert not ok and asked == [] and pip == [] and torch.calls[0]["askConfirmation"] is True
+    assert "torch was not installed" in message
+
+
+def test_declined_or_testing_mode_installs_nothing(monkeypatch):
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
+    asked, pip, torch = [], [], FakePyTorchUtilsLogic()
+    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) and False, pip.append, torch,
+                                                   requirements=MISSING)
+    assert not ok and len(asked) == 1 and pip == [] and torch.calls == [] and "declined" in message
+    asked.clear()
+    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
+                                                   testing=True, requirements=MISSING)
+    assert not ok and asked == [] and pip == [] and torch.calls == [] and "testing mode" in message
+
+
+def test_never_simpleitk_and_no_pytorch_extension(monkeypatch):
+    pip, torch = [], FakePyTorchUtilsLogic()
+    with pytest.raises(ValueError, match="Slicer ships its own"):
+        dependencies.ensure_dependencies(lambda text: True, pip.append, torch, requirements={"SimpleITK": "SimpleITK>=999"})
+    assert pip == [] and torch.calls == []
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
+    ok, message = dependencies.ensure_dependencies(lambda text: True, pip.append, None)
+    assert not ok and "PyTorch extension" in message and pip == []
