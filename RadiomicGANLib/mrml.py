@@ -143,39 +143,3 @@ def add_map_node(scene, values, like: CTVolume, name: str):
         if colour is not None:
             display.SetAndObserveColorNodeID(colour.GetID())
     return node
-
-
-def compare_radiomics_nodes(scene, reference_node, candidate_nodes: dict, roi_node, *, params=None, workers=None,
-                            threshold: float = 0.85, bootstrap: int = 100, progress=None):
-    """The ROI radiomics comparison: reproducible features (Lin's CCC over the ROIs of a label map) and PSNR/SSIM
-    of each candidate against the reference, as a new table node. Returns (table node, Evaluation)."""
-    from radiomicgan.reproducibility import evaluate, rois_from_labels
-
-    reference = volume_from_node(reference_node)
-    candidates = {name: volume_from_node(node) for name, node in candidate_nodes.items()}
-    rois = rois_from_labels(volume_from_node(roi_node), reference)
-    evaluation = evaluate(reference, candidates, rois, params=params, workers=workers, threshold=threshold,
-                          bootstrap=bootstrap, reference_name=reference_node.GetName(), progress=progress)
-    table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("RadiomicGAN reproducibility"))
-    columns = ["image", "ROI group", "ROIs", "reproducible", "bootstrap mean", "bootstrap SD", "undefined", "PSNR (dB)", "SSIM"]
-    summary = evaluation.summary
-    rows = []
-    for group, entry in summary["groups"].items():
-        for name in candidates:
-            if name not in entry:
-                continue
-            counts, metrics = entry[name], summary["image_metrics"][name]
-            rows.append([name, group, entry["rois"], counts["reproducible"], round(counts["bootstrap_mean"], 1),
-                         round(counts["bootstrap_sd"], 1), counts["excluded_undefined"], round(metrics["psnr_db"], 2),
-                         round(metrics["ssim"], 4)])
-    import vtk
-
-    for k, column in enumerate(columns):
-        array = vtk.vtkStringArray()
-        array.SetName(column)
-        for row in rows:
-            array.InsertNextValue(str(row[k]))
-        table.AddColumn(array)
-    table.SetAttribute("RadiomicGAN.Threshold", str(threshold))
-    table.SetAttribute("RadiomicGAN.Features", str(summary["features"]))
-    return table, evaluation
