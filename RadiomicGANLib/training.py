@@ -194,14 +194,14 @@ class TrainingRun:
         if self._cancel_asked is None:
             self._cancel_asked = time.monotonic()
 
-    def cancel(self, timeout: float | None = None) -> int:
-        """Stop and wait: the flag first, a kill after ``timeout`` (default the grace period) seconds."""
+    def cancel(self, grace_s: float | None = None) -> int:
+        """Stop and wait: the flag first, a kill after ``grace_s`` (default the run's grace period) seconds."""
+        if grace_s is not None:
+            self.grace_s = grace_s
         self.request_cancel()
-        return self.wait(timeout=None if timeout is None else timeout + 30, _grace=timeout)
+        return self.wait()
 
-    def wait(self, timeout: float | None = None, _grace: float | None = None) -> int:
-        if _grace is not None:
-            self.grace_s = _grace
+    def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             code = self.poll()

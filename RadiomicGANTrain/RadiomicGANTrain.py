@@ -113,6 +113,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.training = None
         self.comparison = None
         self.timer = None
+        self._camNodes = []
 
     def setup(self):
         import qt
@@ -159,9 +160,14 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------------- parameter node
 
     def cleanup(self):
+        """Slicer is closing: no background run may outlive it (a training keeps its last complete epoch)."""
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
+        if self.training is not None and self.training.running:
+            self.training.cancel(grace_s=10.0)
+        if self.comparison is not None and self.comparison.running:
+            self.comparison.cancel()
 
     def enter(self):
         self.initializeParameterNode()
@@ -298,6 +304,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showCamSamples(run.folder)
         if code is None:
             return
+        self._showCamPlot(run.folder)  # drawn when the training ends
         if run.warnings:
             slicer.util.warningDisplay("\n".join(run.warnings), windowTitle="RadiomicGAN training")
         if code == 0:
@@ -311,7 +318,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainingStatusLabel.text = "Training failed"
             slicer.util.errorDisplay(f"Training failed (exit status {code}).", detailedText=message)
 
-    def _showCamSamples(self, folder):
+    def _showCamPlot(self, folder):
         import qt
         from radiomicgan.train import CAM_PLOT
 
@@ -319,7 +326,17 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if png.is_file():
             pixmap = qt.QPixmap(str(png))
             self.ui.camImageLabel.setPixmap(pixmap.scaledToWidth(min(pixmap.width(), 420)))
-        nodes = self.logic.loadCamSamples(folder)
+
+    def _showCamSamples(self, folder):
+        for node in self._camNodes:  # the previous epoch's samples make way for this one's
+            if node.GetScene() is not None:
+                slicer.mrmlScene.RemoveNode(node)
+        try:
+            nodes = self.logic.loadCamSamples(folder)
+        except (OSError, ValueError, KeyError) as exc:
+            self.ui.trainingStatusLabel.text = f"Could not read the Grad-CAM samples: {exc}"
+            return
+        self._camNodes = list(nodes or [])
         if nodes is not None:
             image, cam = nodes
             slicer.util.setSliceViewerLayers(background=image, foreground=cam, foregroundOpacity=0.4, fit=True)

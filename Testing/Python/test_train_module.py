@@ -390,6 +390,17 @@ def test_gradcam_samples_become_volume_nodes(cancelled_training):
     with np.load(root / "model" / "gradcam_samples.npz") as data:
         np.testing.assert_allclose(slicer.util.arrayFromVolume(cam), data["cam"], atol=1e-6)
         assert slicer.util.arrayFromVolume(image).shape == data["synthesized"].shape
+        samples = {k: data[k] for k in data.files}
+    # written after each epoch, of the model that epoch saved (not of the half-trained one the cancel interrupted)
+    records = [json.loads(line) for line in (root / "model" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r.get("cam_samples") == "gradcam_samples.npz" for r in records if r["event"] == "epoch")
+    from radiomicgan.modelio import load_model
+    from radiomicgan.train import synthesize_with_cam
+
+    model = load_model(root / "model", device="cpu")
+    card = json.loads((root / "model" / "model.json").read_text())
+    synthesized, _ = synthesize_with_cam(model.generator, model.discriminator, samples["source"], tuple(card["hu_range"]), "cpu")
+    np.testing.assert_allclose(synthesized, samples["synthesized"], atol=0.5)
 
 
 def test_failed_training_leaves_no_folder_and_no_nodes(tmp_path, scene):
