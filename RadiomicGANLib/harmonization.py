@@ -108,12 +108,16 @@ class HarmonizeResult:
 class HarmonizeJob:
     """A harmonization running in the background. ``poll()`` from a timer (or ``wait()``); ``cancel()`` kills it.
 
+    ``kernel``: the input's reconstruction kernel when the node does not record it (e.g. read from its DICOM
+    files), so the core can warn about a kernel the model was not trained for.
+
     ``status``: "running", "completed", "failed" or "cancelled"; ``progress`` 0..1 and ``stage`` from the
     core's PROGRESS lines; ``warnings`` (CPU fallback, kernel mismatch, ...) and ``error`` for the user.
     """
 
     def __init__(self, scene, input_node, model_dir, *, device: str = "auto", batch: int | None = None,
-                 gradcam: bool | None = None, th_fail: float = 0.5, output_node=None, on_output=None, env=None):
+                 gradcam: bool | None = None, th_fail: float = 0.5, output_node=None, on_output=None, env=None,
+                 kernel: str | None = None):
         from radiomicgan.io import write_volume
 
         from .mrml import volume_from_node
@@ -125,7 +129,7 @@ class HarmonizeJob:
             raise ValueError(f"method '{card['method']}' has no discriminator: no Grad-CAM; harmonize without it")
         if output_node is not None and input_node is not None and output_node.GetID() == input_node.GetID():
             raise ValueError("the output volume must not be the input volume (inputs are never modified)")
-        volume = volume_from_node(input_node)  # raises for an empty or non-scalar node
+        volume = volume_from_node(input_node, kernel)  # raises for an empty or non-scalar node
         self.scene, self.input_node, self.output_node = scene, input_node, output_node
         self.model_dir, self.card, self.gradcam, self.th_fail = Path(str(model_dir)), card, gradcam, th_fail
         self.status, self.progress, self.stage = "running", 0.0, "starting"
@@ -219,6 +223,8 @@ class HarmonizeJob:
             windows = json.loads(self.cam_path.with_name("gradcam_windows.json").read_text())
         if self.output_node is not None:
             output = set_volume_node(self.output_node, volume)
+            if output.GetDisplayNode() is None:  # e.g. made with the selector's "Create new volume"
+                output.CreateDefaultDisplayNodes()
         else:
             output = add_volume_node(self.scene, volume, name)
         output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.get("target_kernel", "")))

@@ -215,6 +215,7 @@ def test_harmonize_job_into_a_chosen_output_node(models):
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count  # no Grad-CAM for a filter model
     np.testing.assert_allclose(_matrix(target), _matrix(node), atol=1e-9)
     assert volume_from_node(target).same_geometry(volume_from_node(node)) and target.GetAttribute(KERNEL_ATTRIBUTE)
+    assert target.GetDisplayNode() is not None
     with pytest.raises(ValueError, match="must not be the input"):
         HarmonizeJob(scene, node, models / "filter", output_node=node)
 

@@ -183,3 +183,17 @@ def test_module_ui_has_every_widget_the_module_uses(module):
     names = {w.get("name") for w in ui.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used and used <= names, used - names
+
+
+def test_parameter_node_names_in_the_ui_are_wrapper_fields():
+    """Every SlicerParameterName in the .ui names a field of the module's @parameterNodeWrapper class."""
+    module = "RadiomicGANHarmonize"
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    wrappers = [n for n in tree.body if isinstance(n, ast.ClassDef)
+                and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in n.decorator_list)]
+    assert len(wrappers) == 1
+    fields = {n.target.id for n in wrappers[0].body if isinstance(n, ast.AnnAssign)}
+    ui = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
+    bound = {p.find("string").text for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound and bound <= fields, bound - fields
+    assert fields - bound == {"device"}  # the device list depends on the GPUs found: bound by hand
