@@ -5,6 +5,7 @@ as the core's command line in a background process; the panel polls it with a ti
 """
 
 import pathlib
+import sys
 import tempfile
 from typing import Annotated
 
@@ -24,6 +25,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+# Run from the source tree (module folders added to Slicer's module paths): the core (radiomicgan/) and
+# RadiomicGANLib/ are one folder up. In an installed extension they sit beside this file, already importable.
+_SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "RadiomicGANLib").is_dir() and str(_SOURCE_ROOT) not in sys.path:
+    sys.path.append(str(_SOURCE_ROOT))
 
 METHODS = ["radiomicgan", "choe", "pix2pix", "filter", "histmatch"]
 SCHEDULES = ["dwt", "fixed", "dynamic", "none"]
@@ -77,17 +84,10 @@ class RadiomicGANTrainParameterNode:
 
 
 def _ensureDependencies(needRadiomics=False):
-    """Check (and, after asking, install) what the core needs, at Start/Compare; nothing in testing mode."""
-    from RadiomicGANLib.dependencies import ensure_dependencies
+    """Check (and, after asking once, install) what the core needs, at Start/Compare; nothing in testing mode."""
+    from RadiomicGANLib.dependencies import ensure_in_slicer
 
-    try:
-        import PyTorchUtils
-
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    except ImportError:
-        torchLogic = None
-    ok, message = ensure_dependencies(slicer.util.confirmOkCancelDisplay, slicer.util.pip_install, torchLogic,
-                                      testing=slicer.app.testingEnabled(), need_radiomics=needRadiomics)
+    ok, message = ensure_in_slicer(need_radiomics=needRadiomics)
     if not ok:
         raise RuntimeError(message or "RadiomicGAN's Python packages are missing")
 
