@@ -237,7 +237,7 @@ def ccc_tables(scene, report_folder, threshold: float | None = None) -> dict:
     return tables
 
 
-SUMMARY_TEXT = ("candidate", "ROI group")
+SUMMARY_TEXT = ("candidate", "ROI group", "note")
 SUMMARY_NUMBERS = ("ROIs", "reproducible", "bootstrap mean", "bootstrap SD", "undefined", "PSNR (dB)", "SSIM")
 
 
@@ -248,9 +248,13 @@ def summary_table(scene, report_folder):
     table = new_table(scene, "RadiomicGAN reproducibility", text=SUMMARY_TEXT, numeric=SUMMARY_NUMBERS)
     for group, entry in summary["groups"].items():
         for candidate in summary["candidates"]:
-            if candidate not in entry:
+            metrics = summary["image_metrics"][candidate]
+            if candidate not in entry:  # too few ROIs for a count: said, not counted
+                append_row(table, {"candidate": candidate, "ROI group": group, "ROIs": entry.get("rois"),
+                                   "note": entry.get("too_small") or entry.get("skipped") or "not counted",
+                                   "PSNR (dB)": metrics["psnr_db"], "SSIM": metrics["ssim"]})
                 continue
-            counts, metrics = entry[candidate], summary["image_metrics"][candidate]
+            counts = entry[candidate]
             append_row(table, {"candidate": candidate, "ROI group": group, "ROIs": entry["rois"],
                                "reproducible": counts["reproducible"], "bootstrap mean": counts["bootstrap_mean"],
                                "bootstrap SD": counts["bootstrap_sd"], "undefined": counts["excluded_undefined"],
@@ -265,7 +269,7 @@ def counts_chart(scene, report_folder):
     report_folder = Path(report_folder)
     summary = json.loads((report_folder / "summary.json").read_text())
     candidates = summary["candidates"]
-    groups = [g for g, entry in summary["groups"].items() if "skipped" not in entry]
+    groups = [g for g, entry in summary["groups"].items() if all(c in entry for c in candidates)]
     table = new_table(scene, "RadiomicGAN reproducible counts", text=("ROI group",), numeric=("group", *candidates))
     for k, group in enumerate(groups):
         entry = summary["groups"][group]

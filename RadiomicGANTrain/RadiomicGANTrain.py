@@ -372,7 +372,8 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Radiomics comparison failed (exit status {code}).", detailedText=message)
             return
         results = run.results
-        skipped = [f"{g}: {e['skipped']}" for g, e in results.summary["groups"].items() if "skipped" in e]
+        skipped = [f"{g}: {e.get('too_small') or e.get('skipped')}" for g, e in results.summary["groups"].items()
+                   if "too_small" in e or "skipped" in e]
         self.ui.compareStatusLabel.text = (f"{results.summary['features']} features on {results.summary['rois']} ROIs; report in "
                                            f"{results.report_folder}" + ("\nSkipped " + "; ".join(skipped) if skipped else ""))
         self.ui.openReportButton.enabled = True
@@ -544,7 +545,8 @@ class RadiomicGANTrainTest(ScriptedLoadableModuleTest):
         candidate = add_volume_node(slicer.mrmlScene, source, "B30")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ROIs")
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-        for k, (y, x) in enumerate([(8, 8), (8, 30), (30, 8), (30, 30)]):
+        for k in range(10):  # a count needs at least 10 ROIs in a group
+            y, x = 2 + 12 * (k // 4), 2 + 12 * (k % 4)
             mask = np.zeros(target.shape, np.uint8)
             mask[:, y:y + 8, x:x + 8] = 1
             segmentId = segmentation.GetSegmentation().AddEmptySegment(f"roi{k}")
@@ -553,7 +555,7 @@ class RadiomicGANTrainTest(ScriptedLoadableModuleTest):
         params.write_text("setting: {binWidth: 25, label: 1}\nimageType: {Original: {}}\nfeatureClass: {firstorder: }\n")
         results = RadiomicGANTrainLogic().compare(reference, [candidate], self.tmp / "report", segmentationNode=segmentation,
                                                   params=params, workers=1, bootstrap=10, timeout=600)
-        self.assertEqual(results.summary["groups"]["segments"]["rois"], 4)
+        self.assertEqual(results.summary["groups"]["segments"]["rois"], 10)
         self.assertEqual(results.summary_table.GetNumberOfRows(), 1)
         self.assertEqual(results.ccc_tables["B30"].GetNumberOfRows(), results.summary["features"])
         self.assertTrue(results.report.is_file())

@@ -266,7 +266,8 @@ def cmd_evaluate(args) -> int:
         for lo, hi in ranges:
             found = sum(r.group == f"[{lo:g}, {hi:g}]" for r in rois)
             if found < args.per_range:
-                print(f"radiomicgan: note: {found} of {args.per_range} ROIs found with mean HU in [{lo:g}, {hi:g}]", file=sys.stderr)
+                print(f"radiomicgan: note: {found} of {args.per_range} ROIs found inside the body with >= 80 % of voxels "
+                      f"in [{lo:g}, {hi:g}] HU", file=sys.stderr)
         if args.whole_image:
             rois += body_slice_rois(reference)
     with tqdm(desc="radiomic features", unit="ROI", disable=not sys.stderr.isatty()) as bar:

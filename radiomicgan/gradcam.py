@@ -14,9 +14,11 @@ from .models import PatchDiscriminator
 
 
 def gradcam_nonstandard(
-    discriminator: PatchDiscriminator, source: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(N, 1, H, W) maps in [0, 1] for window-scaled ``source`` and ``candidate`` batches. D stays frozen:
+    discriminator: PatchDiscriminator, source: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor | None = None,
+    return_logits: bool = False,
+):
+    """(N, 1, H, W) maps in [0, 1] for window-scaled ``source`` and ``candidate`` batches (and, with
+    ``return_logits``, the discriminator's logits, so callers need no second forward pass). D stays frozen:
     no parameter gradient is kept and its mode is restored."""
     was_training = discriminator.training
     discriminator.eval()
@@ -38,7 +40,8 @@ def gradcam_nonstandard(
         cam = F.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
         cam = F.interpolate(cam, size=source.shape[-2:], mode="bilinear", align_corners=False)
         peak = cam.amax(dim=(2, 3), keepdim=True)
-        return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+        return (cam, logits.detach()) if return_logits else cam
     finally:
         for p, flag in zip(discriminator.parameters(), params):
             p.requires_grad_(flag)

@@ -1,10 +1,11 @@
 """Harmonize whole CT volumes with a trained model, slice by slice in batches, and map where the result still
 looks non-standard (Grad-CAM of the frozen discriminator) and the HU window those hot spots span.
 
-On CUDA: bf16 autocast, channels_last, optional torch.compile, pinned host memory with the next chunk's copy
-overlapping the current chunk's compute; window scaling and the carry-over blend run on the device, and HU come
-back as int16. Out of memory: the batch is halved and the batch retried, and at batch 1 the work moves to the
-CPU, saying so. Every output is staged under a temporary name and renamed into place only when everything has
+On CUDA: bf16 autocast, channels_last, optional torch.compile (one fixed batch shape: a short last batch is
+padded, so it never recompiles), pinned host memory with the next chunk's upload and the previous chunk's download
+overlapping the current chunk's compute, no host synchronisation inside a chunk; window scaling and the carry-over
+blend run on the device. Out of memory: the batch is halved and the batch retried, and at batch 1 the work moves
+to the CPU, saying so. Every output is staged under a temporary name and renamed into place only when everything has
 been computed and written: a cancelled or failed run leaves nothing.
 """
 
@@ -28,7 +29,6 @@ from .io import check_output_path, image_suffix, read_volume, write_map, write_v
 from .kernels import preset_for_tag
 from .modelio import LoadedModel, load_model, resolve_device
 from .volume import CTVolume
-from .window import select_window
 
 CHUNK_SLICES = 64  # slices staged per host-to-device copy
 
@@ -70,6 +70,7 @@ class Harmonizer:
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
         self.compile = compile
         self._network = None
+        self._fixed_batch = False
         if self.model.generator is not None:
             self._place(self.device)
 
@@ -82,7 +83,12 @@ class Harmonizer:
         self.model.generator.to(device, memory_format=self.memory_format).eval()
         if self.model.discriminator is not None:
             self.model.discriminator.to(device).eval()
-        self._network = torch.compile(self.model.generator) if self.compile and device.startswith("cuda") else self.model.generator
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # slice shapes are fixed within a volume: pick the fastest kernels once
+        compiled = self.compile and device.startswith("cuda")
+        # dynamic=False: one graph per batch shape; _run_chunk pads a short last batch up to the batch
+        self._network = torch.compile(self.model.generator, dynamic=False) if compiled else self.model.generator
+        self._fixed_batch = compiled
 
     def _autocast(self):
         import torch
@@ -108,13 +114,15 @@ class Harmonizer:
     def harmonize(self, hu: np.ndarray, spacing_xy=(1.0, 1.0), progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], bool] | None = None) -> np.ndarray:
         """HU (slices, rows, cols) or one slice -> harmonized HU (float32, rounded to whole HU)."""
-        hu = np.asarray(hu, dtype=np.float32)
+        hu = np.asarray(hu)
+        if hu.dtype not in (np.float32, np.int16):  # int16 (as stored) travels as is: half the bytes to the device
+            hu = hu.astype(np.float32)
         squeeze = hu.ndim == 2
         stack = hu[None] if squeeze else hu
         if stack.ndim != 3 or min(stack.shape) < 1:
             raise CTInputError(f"expected slices (N, rows, cols), got shape {hu.shape}")
         if self.model.baseline is not None:
-            out = np.rint(self.model.baseline.harmonize(stack, spacing_xy)).astype(np.float32)
+            out = np.rint(self.model.baseline.harmonize(stack.astype(np.float32, copy=False), spacing_xy)).astype(np.float32)
             if progress:
                 progress(len(stack), len(stack))
             return out[0] if squeeze else out
@@ -128,84 +136,134 @@ class Harmonizer:
         return out[0] if squeeze else out
 
     def _chunks(self, stack: np.ndarray, cancel):
-        """Yield (first slice, harmonized HU) per chunk; on CUDA the next chunk's upload overlaps compute."""
+        """Yield (first slice, harmonized HU) per chunk. On CUDA the GPU never waits for the host: the current chunk's
+        work is queued first, then the next chunk is pinned and uploaded on a copy stream, and the previous chunk's
+        result, copied back into pinned memory behind the compute, is handed out."""
         import torch
 
-        cuda = self.device.startswith("cuda")
-        starts = list(range(0, len(stack), CHUNK_SLICES))
-        copy_stream = torch.cuda.Stream() if cuda else None
-        pending = self._upload(stack, starts[0], copy_stream) if starts else None
+        chunk_slices = max(CHUNK_SLICES, self.batch)  # a chunk never caps the batch (out-of-memory halving starts there)
+        starts = list(range(0, len(stack), chunk_slices))
+        copy_stream = torch.cuda.Stream() if self.device.startswith("cuda") else None
+        pending = self._upload(stack, starts[0], chunk_slices, copy_stream)
+        previous = None
         for index, start in enumerate(starts):
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
-            chunk, event = pending
+            chunk, _host, event = pending
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
                 chunk.record_stream(torch.cuda.current_stream())  # allocated on the copy stream, used here
-            pending = self._upload(stack, starts[index + 1], copy_stream) if index + 1 < len(starts) else None
-            yield start, self._run_chunk(chunk, cancel)
+            result = self._run_chunk(chunk, cancel)  # queued, not waited for
+            if index + 1 < len(starts):
+                stream = copy_stream if self.device.startswith("cuda") else None  # None after a CPU fallback
+                pending = self._upload(stack, starts[index + 1], chunk_slices, stream)
+            if result.is_cuda:
+                host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                host.copy_(result, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                current = (start, host, done)
+            else:
+                current = (start, result, None)
+            if previous is not None:
+                yield self._finish(previous)
+            previous = current
+        yield self._finish(previous)
 
-    def _upload(self, stack, start, stream):
+    @staticmethod
+    def _finish(item) -> tuple[int, np.ndarray]:
+        start, host, done = item
+        if done is not None:
+            done.synchronize()
+        return start, host.numpy()
+
+    def _upload(self, stack, start, chunk_slices, stream):
+        """(tensor on the device, its pinned host copy or None, copy-done event or None) for one chunk."""
         import torch
 
-        host = torch.from_numpy(np.ascontiguousarray(stack[start : start + CHUNK_SLICES]))
+        host = torch.from_numpy(np.ascontiguousarray(stack[start : start + chunk_slices]))
         if stream is None:
-            return host, None
+            return host, None, None
         host = host.pin_memory()
         with torch.cuda.stream(stream):
             device_tensor = host.to(self.device, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        return device_tensor, event
+        return device_tensor, host, event
 
-    def _run_chunk(self, chunk, cancel) -> np.ndarray:
-        """Window scaling, the network, and the carry-over blend, in batches that shrink on out-of-memory."""
+    def _forward(self, hu):
+        """Window scaling, the network and the carry-over blend for one batch of HU slices on the device."""
         import torch
 
         from .models import pad_to_multiple
         from .window import carry_weight, from_unit, to_unit
 
-        hu_range = self.model.hu_range
-        results = []
+        window, scale = self._window_and_scale()
+        n = len(hu)
+        x = to_unit(hu.clamp(*window), scale)[:, None]
+        x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
+        if self._fixed_batch and n < self.batch:  # the compiled graph has one batch shape: pad, never recompile
+            x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+        x = x.contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            y = self._network(x)
+        predicted = from_unit(y[:n, 0, :h, :w].float(), scale)
+        weight = carry_weight(hu, window)
+        return torch.round(weight * predicted + (1.0 - weight) * hu)
+
+    def _window_and_scale(self):
+        """(HU window the model harmonizes, HU range that maps to [-1, 1]), from the model's card."""
+        return self.model.inference_window, self.model.scale_range
+
+    def _run_chunk(self, chunk, cancel):
+        """Harmonized HU of one chunk, as a tensor on the device that computed it, in batches that shrink on
+        out-of-memory. Nothing here waits for the device."""
+        import torch
+
+        out = torch.empty(chunk.shape, dtype=torch.float32, device=chunk.device)
         position = 0
         while position < len(chunk):
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
-            hu = chunk[position : position + self.batch].to(self.device, non_blocking=True).float()
+            count = min(self.batch, len(chunk) - position)
+            reason = None
             try:
                 with torch.inference_mode():
-                    x = to_unit(hu.clamp(*hu_range), hu_range)[:, None]
-                    x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
-                    x = x.contiguous(memory_format=self.memory_format)
-                    with self._autocast():
-                        y = self._network(x)
-                    predicted = from_unit(y[:, 0, :h, :w].float(), hu_range)
-                    weight = carry_weight(hu, hu_range)
-                    blended = torch.round(weight * predicted + (1.0 - weight) * hu)
-                    results.append(blended.cpu().numpy())
+                    hu = chunk[position : position + count].to(self.device, non_blocking=True).float()
+                    out[position : position + count] = self._forward(hu)
             except torch.OutOfMemoryError:
-                if self.batch > 1:
-                    self.batch = max(1, self.batch // 2)
-                    note = f"out of memory: batch halved to {self.batch}"
-                    warnings.warn(note)
-                    self.notes.append(note)
-                    if self.device.startswith("cuda"):
-                        torch.cuda.empty_cache()
-                    continue
-                if self.device == "cpu":
-                    raise RadiomicGANError("out of memory on the CPU even at batch 1; free memory or use smaller slices") from None
-                self._fall_back_to_cpu("out of memory")
-                chunk = chunk.cpu()
+                reason = "out of memory"  # handled below, once the failed batch's tensors are released
+            except RuntimeError as exc:
+                if not _too_large(exc):
+                    raise
+                reason = f"batch too large for one kernel ({str(exc).splitlines()[0][:80]})"
+            if reason is None:
+                position += count
                 continue
-            position += len(hu)
-        return np.concatenate(results)
+            if self.batch > 1:
+                self.batch = max(1, self.batch // 2)
+                note = f"{reason}: batch halved to {self.batch}"
+                warnings.warn(note)
+                self.notes.append(note)
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            if self.device == "cpu":
+                raise RadiomicGANError("out of memory on the CPU even at batch 1; free memory or use smaller slices") from None
+            self._fall_back_to_cpu(reason)
+            chunk, out = chunk.cpu(), out.cpu()
+        return out
 
     # -------------------------------------------------------------------------------------------- Grad-CAM
 
     def gradcam(self, source_hu: np.ndarray, candidate_hu: np.ndarray, th_fail: float = 0.5,
                 cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, dict]:
         """Per-slice Grad-CAM maps (float32, 0..1) of the discriminator's "non-standard" decision about
-        ``candidate`` given ``source``, and the HU window its hot spots span (as in dynamic selection)."""
+        ``candidate`` given ``source``, and the HU window its hot spots span (as in dynamic selection).
+
+        Scaling, the maps, the standard probability and the hot-spot HU values are all computed on the device in
+        batches; the maps come back through pinned memory without stopping the device, and only the set of hot HU
+        values is merged on the host (sorting each slice's hot values on the host took longer than the maps)."""
         import torch
 
         from .gradcam import gradcam_nonstandard
@@ -214,29 +272,83 @@ class Harmonizer:
 
         if self.model.discriminator is None:
             raise RadiomicGANError(f"method '{self.model.method}' has no discriminator: no Grad-CAM")
-        lo, hi = self.model.hu_range
-        cams = np.empty(source_hu.shape, dtype=np.float32)
-        probability = []
-        batch = max(1, min(self.batch, 8))
+        (lo, hi), scale = self._window_and_scale()
+        source_hu, candidate_hu = np.asarray(source_hu), np.asarray(candidate_hu)
+        cuda = self.device.startswith("cuda")
+        cams = torch.empty(candidate_hu.shape, dtype=torch.float32, pin_memory=cuda)
+        probability = torch.zeros((), dtype=torch.float64, device=self.device)
+        hot_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = torch.zeros(1 << 16, dtype=torch.bool, device=self.device)  # rounded HU values kept, offset by 32768
+        batch = max(1, min(self.batch, 32))
         for start in range(0, len(source_hu), batch):
             if cancel is not None and cancel():
                 raise Cancelled("harmonization cancelled; nothing written")
-            s = torch.from_numpy(to_unit(np.clip(source_hu[start : start + batch], lo, hi), (lo, hi)).astype(np.float32))[:, None]
-            c = torch.from_numpy(to_unit(np.clip(candidate_hu[start : start + batch], lo, hi), (lo, hi)).astype(np.float32))[:, None]
-            (s, (h, w)), (c, _) = (pad_to_multiple(t.to(self.device), 8, minimum=32) for t in (s, c))
-            cam = gradcam_nonstandard(self.model.discriminator, s, c)
-            cams[start : start + batch] = cam[:, 0, :h, :w].float().cpu().numpy()
-            with torch.inference_mode():
-                probability.append(torch.sigmoid(self.model.discriminator(s, c)).float().mean(dim=(1, 2, 3)).cpu().numpy())
-        window, details = select_window(list(cams), list(candidate_hu), th_fail, (lo, hi))
+            s_hu, c_hu = (_to_device(a[start : start + batch], self.device).float() for a in (source_hu, candidate_hu))
+            (s, (h, w)), (c, _) = (pad_to_multiple(to_unit(t.clamp(lo, hi), scale)[:, None], 8, minimum=32) for t in (s_hu, c_hu))
+            cam, logits = gradcam_nonstandard(self.model.discriminator, s, c, return_logits=True)
+            cam = cam[:, 0, :h, :w]
+            cams[start : start + len(cam)].copy_(cam, non_blocking=True)
+            probability += torch.sigmoid(logits.double()).mean(dim=(1, 2, 3)).sum()
+            hot = cam > th_fail
+            hot_count += hot.sum()
+            seen |= _values_seen_twice(c_hu, hot)
+        if cuda:
+            torch.cuda.synchronize()
+        cams = cams.numpy()
+        merged = torch.nonzero(seen).flatten().cpu().numpy().astype(np.int64) - 32768
+        window = _span_window(merged, (lo, hi))
         summary = {
             "hot_spot_window_hu": list(window) if window else None,
-            "hot_values": details["hot_values"],
-            "hot_fraction": float((cams > th_fail).mean()),
-            "standard_probability": float(np.mean(np.concatenate(probability))),
+            "hot_values": int(merged.size),
+            "hot_fraction": float(hot_count.item()) / max(1, cams.size),
+            "standard_probability": float(probability.item()) / max(1, len(cams)),
             "th_fail": th_fail,
         }
         return cams, summary
+
+
+def _too_large(exc: RuntimeError) -> bool:
+    """Errors that mean "this batch is too big" without being an out-of-memory error: kernels limited to 2^31
+    elements, and cuDNN/cuBLAS failing to allocate their workspace."""
+    text = str(exc)
+    return any(s in text for s in ("INT_MAX", "2^31", "32-bit index", "canUse32BitIndexMath", "CUDNN_STATUS_ALLOC_FAILED",
+                                   "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_SUPPORTED"))
+
+
+def _values_seen_twice(hu, hot):
+    """Boolean table over rounded HU (offset by 32768) of the values that occur at least twice among one slice's
+    hot pixels, for every slice of a batch, or-ed together: dynamic selection's noise rule (see
+    ``window.select_window``), on the device."""
+    import torch
+
+    values = torch.round(hu).clamp(-32768, 32767).long() + 32768
+    keys = (torch.arange(len(hu), device=hu.device).view(-1, 1, 1) << 16) + values
+    # index_add_ over all pixels, adding 0 for the cold ones: no boolean indexing, so the host never waits here
+    counts = torch.zeros(len(hu) << 16, dtype=torch.int32, device=hu.device)
+    counts.index_add_(0, keys.flatten(), hot.flatten().to(torch.int32))
+    return (counts.view(len(hu), 1 << 16) > 1).any(dim=0)
+
+
+def _to_device(array: np.ndarray, device: str):
+    """A host array on the device; on CUDA through pinned memory, so the host does not wait for queued work."""
+    import torch
+
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if not device.startswith("cuda"):
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _span_window(values: np.ndarray, hu_range, min_width: float = 256.0):
+    """The window a merged set of hot HU values spans, as ``window.select_window`` makes it."""
+    if values.size == 0:
+        return None
+    lo, hi = max(float(values.min()), hu_range[0]), min(float(values.max()), hu_range[1])
+    if hi - lo < min_width:  # too narrow to train on: widen around its centre, inside the range
+        centre = (lo + hi) / 2.0
+        lo = max(hu_range[0], min(centre - min_width / 2.0, hu_range[1] - min_width))
+        hi = lo + min_width
+    return lo, hi
 
 
 def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), device: str = "cpu", batch: int | None = None) -> np.ndarray:
@@ -272,8 +384,6 @@ def harmonize_volume(
 ) -> HarmonizeResult:
     """A volume in, its harmonized copy out (same geometry; the input is not changed)."""
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
-    if gradcam and harmonizer.model.discriminator is None:  # refuse before the work, not after the whole volume
-        raise RadiomicGANError(f"method '{harmonizer.model.method}' has no discriminator: no Grad-CAM; harmonize without it")
     warning = check_kernel(volume, harmonizer.model)
     if warning:
         warnings.warn(warning)

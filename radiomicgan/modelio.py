@@ -48,8 +48,9 @@ def build_networks(card: dict):
 
     method, arch = card["method"], card.get("architecture", {})
     if method == "radiomicgan":
-        generator = RadiomicGANGenerator(vgg_weights=arch.get("vgg_weights", "random"), finetune_vgg=arch.get("finetune_vgg", False),
-                                         decoder_channels=tuple(arch.get("decoder_channels", (256, 128, 64, 32))))
+        generator = RadiomicGANGenerator(vgg_weights=arch.get("vgg_weights", "random"), finetune_vgg=arch.get("finetune_vgg"),
+                                         decoder_channels=tuple(arch.get("decoder_channels", (256, 128, 64, 32))),
+                                         head_gain=arch.get("head_gain", 1.0))
     elif method == "pix2pix":
         generator = UNetGenerator(tuple(arch.get("channels", (32, 64, 128, 256))))
     elif method == "choe":
@@ -134,6 +135,18 @@ class LoadedModel:
     @property
     def hu_range(self) -> tuple[float, float]:
         return tuple(self.card.get("hu_range", STANDARD_RANGE))
+
+    @property
+    def inference_window(self) -> tuple[float, float]:
+        """HU the model harmonizes; outside it the input is carried over."""
+        return tuple(self.card.get("inference_window", self.hu_range))
+
+    @property
+    def scale_range(self) -> tuple[float, float]:
+        """HU that map to the network's [-1, 1] at inference (see ``radiomicgan.window``)."""
+        from .window import scale_range
+
+        return scale_range(self.inference_window, self.hu_range, self.card.get("window_scaling", "fixed"))
 
 
 def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:

@@ -32,13 +32,20 @@ def vgg19_features(weights: str = "imagenet") -> tuple[nn.Sequential, str]:
 
     ``weights``: "imagenet" (torchvision's download and cache), a path to a weights file (offline sites:
     torchvision's ``vgg19-dcbb9e9d.pth`` or any state dict with the same ``features.*`` keys), or "random",
-    which only happens when asked for and is recorded in the model card. Files are read as data only.
+    which only happens when asked for and is recorded in the model card. Random weights are initialised as
+    torchvision initialises VGG (Kaiming normal, fan-out, zero bias): PyTorch's default layer initialisation
+    shrinks activations group after group until the fourth group carries almost nothing. Files are read as
+    data only.
     """
     from torchvision.models import VGG19_Weights
     from torchvision.models.vgg import cfgs, make_layers
 
     features = make_layers(cfgs["E"], batch_norm=False)[:27]
     if weights == "random":
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         return features, "random initialisation (not ImageNet)"
     if weights == "imagenet":
         try:
@@ -68,37 +75,49 @@ def vgg19_features(weights: str = "imagenet") -> tuple[nn.Sequential, str]:
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+    """3x3 conv + LeakyReLU(0.2), Kaiming-initialised for that slope so activations keep their scale."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1)
+    nn.init.kaiming_normal_(conv.weight, a=0.2, nonlinearity="leaky_relu")
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(conv, nn.LeakyReLU(0.2, inplace=True))
 
 
 class ResidualHead(nn.Module):
-    """1x1 conv to one channel, zero-initialised: the network starts as the identity."""
+    """The correction added to the input: a 3x3 conv over the decoder's features, zero-initialised so an
+    untrained network is the identity, times a learned gain that starts at ``gain`` (a 1x1 conv from zero
+    moves by about the learning rate per step, far too little for the tens of HU a kernel change needs
+    within a short budget; the gain lets the first steps reach that size). Computed and added in float32: in
+    bf16 the input alone would lose several HU."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, gain: float = 1.0):
         super().__init__()
-        self.conv = nn.Conv2d(channels, 1, 1)
+        self.conv = nn.Conv2d(channels, 1, 3, padding=1)
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
+        self.gain = nn.Parameter(torch.tensor(float(gain)))
 
     def forward(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(features)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return x.float() + self.gain * self.conv(features.float())
 
 
 class RadiomicGANGenerator(nn.Module):
-    """U-Net whose encoder is VGG-19's first four conv groups (frozen) with a trainable filter layer after
-    each group that feeds the skip connection to the matching decoder level (paper Fig. 1)."""
+    """U-Net whose encoder is VGG-19's first four conv groups with a trainable filter layer after each group
+    that feeds the skip connection to the matching decoder level (paper Fig. 1). ImageNet weights stay frozen,
+    as in the paper; random weights (offline) are trained, since frozen random filters transfer nothing."""
 
     divisor = 8  # three poolings
 
-    def __init__(self, vgg_weights: str = "imagenet", finetune_vgg: bool = False, decoder_channels=(256, 128, 64, 32)):
+    def __init__(self, vgg_weights: str = "imagenet", finetune_vgg: bool | None = None, decoder_channels=(256, 128, 64, 32),
+                 head_gain: float = 1.0):
         super().__init__()
         features, self.vgg_source = vgg19_features(vgg_weights)
         self.groups = nn.ModuleList(
             nn.Sequential(*([nn.MaxPool2d(2)] if k else []), *features[a:b]) for k, (a, b) in enumerate(VGG19_GROUPS)
         )
-        self.finetune_vgg = finetune_vgg
+        self.finetune_vgg = ("random" in self.vgg_source) if finetune_vgg is None else bool(finetune_vgg)
         for p in self.groups.parameters():
-            p.requires_grad_(finetune_vgg)
+            p.requires_grad_(self.finetune_vgg)
         self.filters = nn.ModuleList(_conv(c, c // 2) for c in VGG19_CHANNELS)
         skips = [c // 2 for c in VGG19_CHANNELS]
         d4, d3, d2, d1 = decoder_channels
@@ -106,9 +125,13 @@ class RadiomicGANGenerator(nn.Module):
         self.up3 = nn.Sequential(_conv(d4 + skips[2], d3), _conv(d3, d3))
         self.up2 = nn.Sequential(_conv(d3 + skips[1], d2), _conv(d2, d2))
         self.up1 = nn.Sequential(_conv(d2 + skips[0], d1), _conv(d1, d1))
-        self.head = ResidualHead(d1)
+        self.head = ResidualHead(d1, head_gain)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def encoder(self) -> str:
+        return "trainable" if self.finetune_vgg else "frozen"
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -117,20 +140,22 @@ class RadiomicGANGenerator(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rgb = ((x + 1.0) / 2.0).expand(-1, 3, -1, -1)  # grayscale repeated, [0, 1], ImageNet statistics
-        h = (rgb - self.mean) / self.std
-        skips = []
         with torch.set_grad_enabled(self.finetune_vgg and torch.is_grad_enabled()):
-            outs = []
-            for group in self.groups:
+            # ImageNet normalisation and the first conv in float32: in bf16 the input would keep only ~4 HU
+            # resolution, coarser than the texture the kernels differ by.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                rgb = ((x.float() + 1.0) / 2.0).expand(-1, 3, -1, -1)  # grayscale repeated, [0, 1]
+                h = self.groups[0][0]((rgb - self.mean) / self.std)
+            h = self.groups[0][1:](h)
+            outs = [h]
+            for group in self.groups[1:]:
                 h = group(h)
                 outs.append(h)
-        for out, filt in zip(outs, self.filters):
-            skips.append(filt(out))
+        skips = [filt(out) for out, filt in zip(outs, self.filters)]
         y = self.bottom(skips[3])
         for up, skip in ((self.up3, skips[2]), (self.up2, skips[1]), (self.up1, skips[0])):
             y = F.interpolate(y, scale_factor=2.0, mode="nearest")
-            y = up(torch.cat([y, skip], dim=1))
+            y = up(torch.cat([y, skip.to(y.dtype)], dim=1))
         return self.head(y, x)
 
 

@@ -93,17 +93,22 @@ def _html(evaluation: Evaluation, volumes: dict[str, CTVolume]) -> str:
 
     s = evaluation.summary
     candidates = s["candidates"]
-    groups = [g for g, v in s["groups"].items() if "skipped" not in v]
+    groups = [g for g, v in s["groups"].items() if "too_small" not in v]
     esc = html.escape
 
-    # Table 1: reproducible features per ROI group (mean +- SD over bootstrap resamples of the ROIs)
-    rows = "".join(
-        f"<tr><th>{esc(c)}</th>" + "".join(
-            f"<td>{s['groups'][g][c]['bootstrap_mean']:.0f} &plusmn; {s['groups'][g][c]['bootstrap_sd']:.0f}"
-            f" <small>({s['groups'][g][c]['reproducible']}; {s['groups'][g][c]['excluded_undefined']} undefined)</small></td>"
-            for g in groups) + "</tr>" for c in candidates)
-    header = "".join(f"<th>{esc(g)} <small>({s['groups'][g]['rois']} ROIs)</small></th>" for g in groups)
-    table1 = f"<table><tr><th>image</th>{header}</tr>{rows}</table>" if groups else "<p>No ROI group had the 3 ROIs CCC needs.</p>"
+    # Table 1: reproducible features per ROI group: the count on all ROIs with its bootstrap interval, and the
+    # paper's mean +- SD over the resamples; a group with too few ROIs gets no count.
+    def cell(g, c):
+        entry = s["groups"][g]
+        if "too_small" in entry:
+            return f"<td><i>too small</i> <small>({esc(entry['too_small'])})</small></td>"
+        r = entry[c]
+        return (f"<td><b>{r['reproducible']}</b> <small>[{_interval(r)}]</small><br>{r['bootstrap_mean']:.0f} &plusmn; "
+                f"{r['bootstrap_sd']:.0f} <small>({r['excluded_undefined']} undefined)</small></td>")
+
+    rows = "".join(f"<tr><th>{esc(c)}</th>" + "".join(cell(g, c) for g in s["groups"]) + "</tr>" for c in candidates)
+    header = "".join(f"<th>{esc(g)} <small>({v['rois']} ROIs)</small></th>" for g, v in s["groups"].items())
+    table1 = f"<table><tr><th>image</th>{header}</tr>{rows}</table>"
     table2 = "<table><tr><th>image</th><th>PSNR (dB)</th><th>SSIM</th><th>PSNR in body (dB)</th><th>SSIM in body</th></tr>" + "".join(
         f"<tr><th>{esc(c)}</th><td>{m['psnr_db']:.2f}</td><td>{m['ssim']:.4f}</td><td>{m['psnr_body_db']:.2f}</td><td>{m['ssim_body']:.4f}</td></tr>"
         for c, m in s["image_metrics"].items()) + "</table>"
@@ -117,15 +122,17 @@ def _html(evaluation: Evaluation, volumes: dict[str, CTVolume]) -> str:
         ax.set_title(f"CCC, ROIs in {group}", fontsize=9)
         ax.set_xlabel("Lin's CCC")
     axes[0][0].set_ylabel("features")
-    axes[0][-1].legend(fontsize=7)
+    if groups:
+        axes[0][-1].legend(fontsize=7)
     histograms = _png(fig)
 
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(groups)), 3.4))
     width = 0.8 / max(1, len(candidates))
     for k, c in enumerate(candidates):
-        means = [s["groups"][g][c]["bootstrap_mean"] for g in groups]
-        sds = [s["groups"][g][c]["bootstrap_sd"] for g in groups]
-        ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=sds, label=c, capsize=2)
+        points = [s["groups"][g][c]["reproducible"] for g in groups]
+        bounds = [s["groups"][g][c]["interval"] or [p, p] for g, p in zip(groups, points)]
+        errors = [[p - b[0] for p, b in zip(points, bounds)], [b[1] - p for p, b in zip(points, bounds)]]
+        ax.bar(np.arange(len(groups)) + k * width, points, width, yerr=np.clip(errors, 0, None), label=c, capsize=2)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=8)
     ax.set_ylabel(f"reproducible features (CCC > {s['threshold']})")
     ax.legend(fontsize=7)
@@ -139,10 +146,15 @@ def _html(evaluation: Evaluation, volumes: dict[str, CTVolume]) -> str:
         ax.imshow(volumes[name].hu[k], cmap="gray", vmin=DISPLAY_WINDOW[0], vmax=DISPLAY_WINDOW[1])
         ax.set_title(name, fontsize=9)
         ax.axis("off")
+    colours = dict(zip(s["groups"], ["lime", "orange", "cyan", "magenta", "yellow", "red"] * len(s["groups"])))
     for roi in evaluation.rois:
         z0, z1, y0, y1, x0, x1 = roi.box
         if z0 <= k < z1 and roi.group != "whole image":
-            axes[0][0].add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6, color="lime"))
+            axes[0][0].add_patch(matplotlib.patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=0.6,
+                                                              color=colours.get(roi.group, "lime"), label=roi.group))
+    handles = {h.get_label(): h for h in axes[0][0].patches}
+    if handles:
+        axes[0][0].legend(handles.values(), handles.keys(), fontsize=6, loc="lower left")
     panels = _png(fig)
 
     skipped = "".join(f"<li>{esc(r['roi'])}: {esc(r['reason'])}</li>" for r in s["rois_skipped"])
@@ -151,13 +163,14 @@ def _html(evaluation: Evaluation, volumes: dict[str, CTVolume]) -> str:
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}small{{color:#666}}</style></head><body>
 <h1>Radiomic reproducibility against {esc(s['reference'])}</h1>
 <p>{s['features']} pyradiomics features per ROI ({s['rois']} ROIs); a feature is reproducible when Lin's CCC between a
-candidate and the reference over the ROIs of a group exceeds {s['threshold']}. Counts are mean &plusmn; SD over
-{s['bootstrap_resamples']} bootstrap resamples of the ROIs (the count on all ROIs in brackets).
-{esc(s['zero_variance_rule'])}.</p>
-<h2>Reproducible features per ROI group (paper Table 1)</h2>{table1}<img src="{counts}">
+candidate and the reference over the ROIs of a group exceeds {s['threshold']}.
+Each cell gives the count on all ROIs of the group (bold) with its {esc(s['interval'])} in brackets, then the
+mean &plusmn; SD over those resamples (as the paper reports). A group with fewer than {s['min_rois']} ROIs is
+reported as too small rather than given a count. {esc(s['zero_variance_rule'])}.</p>
+<h2>Reproducible features per ROI group (paper Table 1)</h2>{table1}{f'<img src="{counts}">' if groups else ''}
 <h2>CCC distributions</h2><img src="{histograms}">
 <h2>Image similarity (paper Table 2)</h2><p>HU clipped to [-1024, 3071]; "body" is the patient outline of the reference.</p>{table2}
-<h2>Images</h2><p>Slice {k}, display window [{DISPLAY_WINDOW[0]:.0f}, {DISPLAY_WINDOW[1]:.0f}] HU; ROI boxes on the reference.</p><img src="{panels}">
+<h2>Images</h2><p>Slice {k}, display window [{DISPLAY_WINDOW[0]:.0f}, {DISPLAY_WINDOW[1]:.0f}] HU; ROI boxes on the reference, coloured by group.</p><img src="{panels}">
 {f'<h2>ROIs not measured</h2><ul>{skipped}</ul>' if skipped else ''}
 <h2>Provenance</h2><p>pyradiomics {esc(str(s['pyradiomics_version']))}, parameters {esc(s['params_file'])}, seed {s['seed']}.</p>
 <pre>{esc(Path(s['params_file']).read_text()) if Path(s['params_file']).is_file() else ''}</pre>
@@ -165,16 +178,32 @@ candidate and the reference over the ROIs of a group exceeds {s['threshold']}. C
 """
 
 
+def _interval(counts: dict) -> str:
+    interval = counts.get("interval")
+    return "no bootstrap" if interval is None else f"{interval[0]:.0f}, {interval[1]:.0f}"
+
+
 def format_counts(summary: dict) -> str:
-    """The paper's Table 1 (reproducible features per ROI group) and Table 2 (PSNR, SSIM) as text."""
-    groups = [g for g, v in summary["groups"].items() if "skipped" not in v]
-    lines = [f"Reproducible features (CCC > {summary['threshold']}) of {summary['features']}, mean +- SD over ROI bootstrap:"]
-    lines.append(f"{'image':<22}" + "".join(f"{g:>20}" for g in groups) + f"{'PSNR (dB)':>11}{'SSIM':>8}")
+    """The paper's Table 1 (reproducible features per ROI group) and Table 2 (PSNR, SSIM) as text: per group the
+    count on all ROIs [bootstrap interval] and mean +- SD over the resamples; too small groups say so."""
+    groups = summary["groups"]
+
+    def cell(v: dict, c: str) -> str:
+        if "too_small" in v:
+            return "too small"
+        r = v[c]
+        return f"{r['reproducible']} [{_interval(r)}] {r['bootstrap_mean']:.0f} +- {r['bootstrap_sd']:.0f}"
+
+    headers = {g: f"{g} ({v['rois']} ROIs)" for g, v in groups.items()}
+    widths = {g: 2 + max([len(headers[g])] + [len(cell(v, c)) for c in summary["candidates"]]) for g, v in groups.items()}
+    lines = [f"Reproducible features (CCC > {summary['threshold']}) of {summary['features']}: count on all ROIs "
+             f"[{summary.get('confidence', 0.95):.0%} bootstrap interval] mean +- SD over {summary['bootstrap_resamples']} ROI resamples"]
+    lines.append(f"{'image':<22}" + "".join(headers[g].rjust(widths[g]) for g in groups) + f"{'PSNR (dB)':>11}{'SSIM':>8}")
     for c in summary["candidates"]:
-        cells = "".join(f"{summary['groups'][g][c]['bootstrap_mean']:>12.0f} +- {summary['groups'][g][c]['bootstrap_sd']:<4.0f}" for g in groups)
         m = summary["image_metrics"][c]
-        lines.append(f"{c:<22}{cells}{m['psnr_db']:>11.2f}{m['ssim']:>8.4f}")
-    for g, v in summary["groups"].items():
-        if "skipped" in v:
-            lines.append(f"  group {g}: {v['skipped']}")
+        lines.append(f"{c:<22}" + "".join(cell(v, c).rjust(widths[g]) for g, v in groups.items())
+                     + f"{m['psnr_db']:>11.2f}{m['ssim']:>8.4f}")
+    for g, v in groups.items():
+        if "too_small" in v:
+            lines.append(f"  group {g}: too small, {v['too_small']}")
     return "\n".join(lines)

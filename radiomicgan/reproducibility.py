@@ -19,11 +19,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import RadiomicGANError
+from .phantom import LABELS as PHANTOM_LABELS
 from .volume import CTVolume
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "Resources" / "radiomics_ct.yaml"
 PAPER_RANGES = ((-800.0, -300.0), (-100.0, 250.0), (300.0, 800.0))
 CCC_THRESHOLD = 0.85
+MIN_FRACTION = 0.8  # share of a random box's voxels that must be in its HU range (or tissue)
+MIN_ROIS = 10  # fewer ROIs in a group give no count: CCC over a handful of ROIs is noise
+CONFIDENCE = 0.95  # bootstrap percentile interval of the counts
+# The phantom's tissues (radiomicgan.phantom.LABELS) standing for the paper's three HU ranges.
+PHANTOM_TISSUES = {"lung": (PHANTOM_LABELS["lung"],), "soft tissue": (PHANTOM_LABELS["soft_tissue"], PHANTOM_LABELS["heart"]),
+                   "bone": (PHANTOM_LABELS["bone"],)}
 
 
 class EvaluationError(RadiomicGANError):
@@ -58,16 +65,31 @@ def count_reproducible(ccc: np.ndarray, threshold: float = CCC_THRESHOLD) -> tup
     return int(np.sum(ccc[defined] > threshold)), int(np.sum(~defined))
 
 
-def bootstrap_counts(reference: np.ndarray, candidate: np.ndarray, threshold: float = CCC_THRESHOLD,
-                     resamples: int = 100, seed: int = 0) -> tuple[float, float]:
-    """Mean and SD of the reproducible count over bootstrap resamples of the ROIs (the paper's mean +- SD)."""
+def bootstrap_count_stats(reference: np.ndarray, candidate: np.ndarray, threshold: float = CCC_THRESHOLD,
+                          resamples: int = 100, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """The reproducible count on all ROIs (the point estimate) with its percentile interval over bootstrap
+    resamples of the ROIs, and the resamples' mean and SD (the paper's mean +- SD)."""
+    count, excluded = count_reproducible(lins_ccc(reference, candidate), threshold)
+    stats = {"reproducible": count, "excluded_undefined": excluded}
+    if resamples <= 0:
+        return {**stats, "bootstrap_mean": float(count), "bootstrap_sd": 0.0, "interval": None}
     rng = np.random.default_rng(seed)
     n = len(reference)
     counts = []
     for _ in range(resamples):
         pick = rng.integers(0, n, n)
         counts.append(count_reproducible(lins_ccc(reference[pick], candidate[pick]), threshold)[0])
-    return float(np.mean(counts)), float(np.std(counts))
+    tail = 50.0 * (1.0 - confidence)
+    lo, hi = np.percentile(counts, [tail, 100.0 - tail])
+    return {**stats, "bootstrap_mean": float(np.mean(counts)), "bootstrap_sd": float(np.std(counts)),
+            "interval": [float(lo), float(hi)]}
+
+
+def bootstrap_counts(reference: np.ndarray, candidate: np.ndarray, threshold: float = CCC_THRESHOLD,
+                     resamples: int = 100, seed: int = 0) -> tuple[float, float]:
+    """Mean and SD of the reproducible count over bootstrap resamples of the ROIs (the paper's mean +- SD)."""
+    stats = bootstrap_count_stats(reference, candidate, threshold, resamples, seed)
+    return stats["bootstrap_mean"], stats["bootstrap_sd"]
 
 
 # ---------------------------------------------------------------------------------------------- ROIs
@@ -131,31 +153,107 @@ def rois_from_boxes(boxes: list[dict], like: CTVolume) -> list[ROI]:
     return rois
 
 
-def sample_hu_rois(reference: CTVolume, ranges: Sequence[tuple[float, float]] = PAPER_RANGES, per_range: int = 20,
-                   size_mm: float = 10.0, slices: int = 3, seed: int = 0, attempts: int = 20000) -> list[ROI]:
-    """Random box ROIs whose mean HU on the reference lies in each range (membership is decided on the
-    reference, so every candidate is measured on the same ROIs); non-overlapping within a range."""
-    rng = np.random.default_rng(seed)
+def _boxes_holding(indicator: np.ndarray, size: tuple[int, int, int], at_least: float) -> np.ndarray:
+    """Whether each box of ``size`` (z, y, x), indexed by its first corner, holds at least ``at_least`` set
+    voxels; built slab by slab (a 2D summed-area table per slab) so a whole scan needs no 3D integer tables."""
+    sz, sy, sx = size
+    nz, ny, nx = indicator.shape
+    out = np.empty((nz - sz + 1, ny - sy + 1, nx - sx + 1), bool)
+    slab = indicator[:sz].sum(axis=0, dtype=np.int32)
+    for z in range(nz - sz + 1):
+        if z:
+            slab += indicator[z + sz - 1].astype(np.int32) - indicator[z - 1]
+        table = np.pad(slab, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        out[z] = table[sy:, sx:] - table[:-sy, sx:] - table[sy:, :-sx] + table[:-sy, :-sx] >= at_least
+    return out
+
+
+def _pick_boxes(accepted: np.ndarray, size: tuple[int, int, int], count: int, rng: np.random.Generator,
+                attempts: int) -> list[tuple[int, int, int]]:
+    """Up to ``count`` non-overlapping boxes, drawn at random among the accepted corners."""
+    corners = np.flatnonzero(accepted)
+    order = corners[rng.permutation(corners.size)[:attempts]]
+    taken = np.zeros(tuple(a + s - 1 for a, s in zip(accepted.shape, size)), bool)
+    picked = []
+    for z, y, x in zip(*np.unravel_index(order, accepted.shape)):
+        if len(picked) >= count:
+            break
+        box = (slice(z, z + size[0]), slice(y, y + size[1]), slice(x, x + size[2]))
+        if not taken[box].any():
+            taken[box] = True
+            picked.append((int(z), int(y), int(x)))
+    return picked
+
+
+def _box_size(reference: CTVolume, size_mm: float, slices: int) -> tuple[int, int, int]:
     nz, ny, nx = reference.shape
-    sz = min(slices, nz)
-    sy = max(3, int(round(size_mm / reference.spacing[1])))
-    sx = max(3, int(round(size_mm / reference.spacing[0])))
-    if sy > ny or sx > nx:
+    size = (min(slices, nz), max(3, int(round(size_mm / reference.spacing[1]))), max(3, int(round(size_mm / reference.spacing[0]))))
+    if size[1] > ny or size[2] > nx:
         raise EvaluationError(f"{reference.source}: image smaller than a {size_mm} mm ROI")
+    return size
+
+
+def _label_array(labels, reference: CTVolume) -> np.ndarray:
+    if isinstance(labels, CTVolume):
+        if not labels.same_geometry(reference):
+            raise EvaluationError(f"{labels.source}: label map geometry differs from the reference {reference.source}")
+        labels = labels.hu
+    labels = np.asarray(labels)
+    if labels.shape != reference.shape:
+        raise EvaluationError(f"label map shape {labels.shape} differs from the reference's {reference.shape}")
+    return np.rint(labels).astype(np.int64)
+
+
+def sample_hu_rois(reference: CTVolume, ranges: Sequence[tuple[float, float]] = PAPER_RANGES, per_range: int = 20,
+                   size_mm: float = 10.0, slices: int = 3, seed: int = 0, attempts: int = 20000, *,
+                   min_fraction: float = MIN_FRACTION, labels=None, tissues: dict | None = None) -> list[ROI]:
+    """Random box ROIs in each HU range, non-overlapping within a range. A box is taken only when it lies wholly
+    inside the body (``body_mask`` of the reference) and at least ``min_fraction`` of its voxels are in the range
+    on the reference (so every candidate is measured on the same ROIs): a box of outside air and fat whose mean
+    happens to fall in the lung range is not lung.
+
+    With ``labels`` (a tissue label map on the reference's grid, as ``radiomicgan simulate`` writes) the groups
+    are tissues instead of ranges (``sample_tissue_rois``; ``ranges`` is then unused)."""
+    if labels is not None:
+        return sample_tissue_rois(reference, labels, tissues or PHANTOM_TISSUES, per_range, size_mm, slices, seed,
+                                  attempts, min_fraction=min_fraction)
+    size = _box_size(reference, size_mm, slices)
+    volume = size[0] * size[1] * size[2]
+    inside = _boxes_holding(body_mask(reference), size, volume)
+    rng = np.random.default_rng(seed)
     rois = []
     for lo, hi in ranges:
         group = f"[{lo:g}, {hi:g}]"
-        found, taken = 0, np.zeros(reference.shape, dtype=bool)
-        for _ in range(attempts):
-            if found >= per_range:
-                break
-            z, y, x = rng.integers(0, nz - sz + 1), rng.integers(0, ny - sy + 1), rng.integers(0, nx - sx + 1)
-            box = (slice(z, z + sz), slice(y, y + sy), slice(x, x + sx))
-            if lo <= float(reference.hu[box].mean()) <= hi and not taken[box].any():
-                taken[box] = True
-                found += 1
-                rois.append(ROI(f"{group} #{found}", group, (z, z + sz, y, y + sy, x, x + sx), np.ones((sz, sy, sx), bool)))
+        in_range = (reference.hu >= lo) & (reference.hu <= hi)
+        accepted = inside & _boxes_holding(in_range, size, min_fraction * volume)
+        rois += _boxes_as_rois(group, _pick_boxes(accepted, size, per_range, rng, attempts), size)
     return rois
+
+
+def sample_tissue_rois(reference: CTVolume, labels, tissues: dict | None = None, per_group: int = 20,
+                       size_mm: float = 10.0, slices: int = 3, seed: int = 0, attempts: int = 20000, *,
+                       min_fraction: float = MIN_FRACTION) -> list[ROI]:
+    """Random box ROIs per tissue of a label map ({group name: label values}, the phantom's lung, soft tissue
+    and bone by default): a box wholly inside the body with at least ``min_fraction`` of its voxels carrying
+    the tissue's labels. The label decides, not HU: the phantom's lung lies mostly below -800 HU."""
+    values = _label_array(labels, reference)
+    tissues = tissues or PHANTOM_TISSUES
+    size = _box_size(reference, size_mm, slices)
+    volume = size[0] * size[1] * size[2]
+    inside = _boxes_holding(body_mask(reference), size, volume)
+    rng = np.random.default_rng(seed)
+    rois = []
+    for group, label_values in tissues.items():
+        in_tissue = np.isin(values, np.atleast_1d(label_values))
+        accepted = inside & _boxes_holding(in_tissue, size, min_fraction * volume)
+        rois += _boxes_as_rois(group, _pick_boxes(accepted, size, per_group, rng, attempts), size)
+    return rois
+
+
+def _boxes_as_rois(group: str, corners: list, size: tuple[int, int, int]) -> list[ROI]:
+    sz, sy, sx = size
+    return [ROI(f"{group} #{k + 1}", group, (z, z + sz, y, y + sy, x, x + sx), np.ones(size, bool))
+            for k, (z, y, x) in enumerate(corners)]
 
 
 def body_mask(reference: CTVolume, threshold: float = -500.0) -> np.ndarray:
@@ -290,8 +388,10 @@ class Evaluation:
 
 def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[ROI], *, params=None, workers=None,
              threshold: float = CCC_THRESHOLD, bootstrap: int = 100, seed: int = 0, reference_name: str = "reference",
-             progress: Callable[[int, int], None] | None = None) -> Evaluation:
-    """Features on every ROI of the reference and of each candidate; CCC per ROI group and candidate."""
+             progress: Callable[[int, int], None] | None = None, min_rois: int = MIN_ROIS,
+             confidence: float = CONFIDENCE) -> Evaluation:
+    """Features on every ROI of the reference and of each candidate; CCC per ROI group and candidate. A group
+    with fewer than ``min_rois`` measured ROIs is reported as too small instead of given a count."""
     import radiomics
 
     from .metrics import psnr, ssim
@@ -313,20 +413,21 @@ def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[RO
     names = [n for n in raw[reference_name][keep[0]] if not n.startswith("_")]
     kept_rois = [rois[k] for k in keep]
     features = {image: feature_matrix([rows[k] for k in keep], names) for image, rows in raw.items()}
-    groups = sorted({r.group for r in kept_rois}, key=lambda g: [r.group for r in kept_rois].index(g))
+    all_groups = list(dict.fromkeys(r.group for r in rois))  # groups whose ROIs all failed are reported too
+    min_rois = max(3, int(min_rois))  # CCC needs 3 at the very least
     ccc, table = {}, {}
-    for group in groups:
+    for group in all_groups:
         rows = np.array([r.group == group for r in kept_rois])
-        if rows.sum() < 3:
-            table[group] = {"skipped": f"only {int(rows.sum())} ROI(s); CCC needs at least 3"}
+        if rows.sum() < min_rois:
+            table[group] = {"rois": int(rows.sum()),
+                            "too_small": f"only {int(rows.sum())} ROI(s); a count needs at least {min_rois}"}
             continue
         ref = features[reference_name][rows]
         table[group] = {"rois": int(rows.sum())}
         for name in candidates:
             values = lins_ccc(ref, features[name][rows])
             ccc[(group, name)] = values
-            count, excluded = count_reproducible(values, threshold)
-            mean, sd = bootstrap_counts(ref, features[name][rows], threshold, bootstrap, seed) if bootstrap else (float(count), 0.0)
+            stats = bootstrap_count_stats(ref, features[name][rows], threshold, bootstrap, seed, confidence)
             by_class, by_type = {}, {}
             for feature, value in zip(names, values):
                 image_type, feature_class = feature_kind(feature)
@@ -334,8 +435,7 @@ def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[RO
                     entry = bucket.setdefault(key, [0, 0])
                     entry[1] += int(np.isfinite(value))
                     entry[0] += int(np.isfinite(value) and value > threshold)
-            table[group][name] = {"reproducible": count, "excluded_undefined": excluded, "bootstrap_mean": mean,
-                                  "bootstrap_sd": sd, "by_class": by_class, "by_image_type": by_type}
+            table[group][name] = {**stats, "by_class": by_class, "by_image_type": by_type}
     body = body_mask(reference)
     images = {name: {"psnr_db": psnr(reference.hu, v.hu), "ssim": ssim(reference.hu, v.hu),
                      "psnr_body_db": psnr(reference.hu, v.hu, mask=body), "ssim_body": ssim(reference.hu, v.hu, mask=body)}
@@ -351,6 +451,9 @@ def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[RO
         "groups": table,
         "image_metrics": images,
         "bootstrap_resamples": bootstrap,
+        "interval": f"{confidence:.0%} percentile interval of the count over {bootstrap} bootstrap resamples of a group's ROIs",
+        "confidence": confidence,
+        "min_rois": min_rois,
         "seed": seed,
         "pyradiomics_version": radiomics.__version__,
         "params_file": str(params or DEFAULT_PARAMS),

@@ -42,7 +42,7 @@ from .modelio import (
     safe_load,
     write_card,
 )
-from .window import STANDARD_RANGE, WindowSchedule, apply_window, select_window
+from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, select_window
 
 LOG_NAME = "train_log.jsonl"
 CANCEL_NAME = "CANCEL"
@@ -63,7 +63,11 @@ class TrainConfig:
     crop: int = 128
     lr: float = 1e-4  # paper
     beta1: float = 0.5  # paper
+    lr_decay: bool = True  # pix2pix: constant for the first half of the steps, then linearly to zero
     lambda_l1: float = 100.0
+    adversarial_warmup: int = 0  # first steps with the L1 loss only (the discriminator trains meanwhile)
+    window_scaling: str = "fixed"  # "window" (the paper's min-max per window) or "fixed" (over hu_range)
+    consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
     th_acc: float = 0.5
     th_eta: int = 2
     th_fail: float = 0.5
@@ -71,7 +75,8 @@ class TrainConfig:
     window_step: float = 256.0
     hu_range: tuple[float, float] = STANDARD_RANGE
     vgg_weights: str = "imagenet"
-    finetune_vgg: bool = False
+    finetune_vgg: bool | None = None  # None: frozen for pretrained weights (paper), trained when random
+    head_gain: float = 1.0
     device: str = "auto"
     seed: int = 0
     val_slices: int = 8
@@ -86,6 +91,10 @@ class TrainConfig:
         for name in ("epochs", "steps_per_epoch", "batch", "crop", "th_eta", "cam_subset"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name.replace('_', '-')} must be at least 1")
+        if self.window_scaling not in WINDOW_SCALINGS:
+            raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
+        if not 0.0 <= self.consolidate < 1.0:
+            raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
         if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
             raise TrainingError(f"crop {self.crop} must be a multiple of 8 (three poolings in the U-Net)")
 
@@ -138,7 +147,9 @@ class _Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = device
-        if self.world_size > 1 and not dist.is_initialized():
+        # launched by torchrun (even with one process): a real process group and DDP, so that path is what runs
+        self._active = self.world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+        if self._active and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             if device == "cuda":
                 import torch
@@ -149,7 +160,7 @@ class _Distributed:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        return self._active
 
     @property
     def main(self) -> bool:
@@ -327,10 +338,14 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         torch.manual_seed(config.seed)
 
         card = _base_card(manifest, config)
-        card["architecture"] = {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg}
+        card["architecture"] = {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg, "head_gain": config.head_gain}
         generator, discriminator = build_networks(card)
         card["architecture"]["vgg_source"] = getattr(generator, "vgg_source", "none (no pretrained encoder)")
+        card["architecture"]["finetune_vgg"] = getattr(generator, "finetune_vgg", None)
+        card["architecture"]["encoder"] = getattr(generator, "encoder", None)
         card["architecture"].pop("vgg_weights")
+        card["window_scaling"] = config.window_scaling
+        card["inference_window"] = list(config.hu_range)
         if "random" in card["architecture"]["vgg_source"] and config.method == "radiomicgan" and dist.main:
             print("radiomicgan: VGG-19 encoder randomly initialised (not ImageNet), as asked; recorded in the model card",
                   file=sys.stderr)
@@ -345,8 +360,12 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         else:
             opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, 0.999))
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
-        schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta)
+        consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
+        schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta,
+                                  epochs=config.epochs, consolidate=consolidate)
         start_epoch, steps_done = 0, 0
+        best = {"psnr_db": -np.inf, "epoch": None}
+        total_steps = config.epochs * config.steps_per_epoch
 
         if resume:
             state = safe_load(out / CHECKPOINT_NAME)
@@ -358,6 +377,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
                                          "window": tuple(state["schedule"]["window"])})
             start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+            best = state.get("best", best)
             sampler.rng = np.random.default_rng([config.seed + 1000 * dist.rank, start_epoch])
             torch.manual_seed(config.seed + start_epoch)
 
@@ -397,9 +417,11 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                         status = "cancelled"
                         break
                     source, target = sampler.sample(config.batch)
-                    x = torch.from_numpy(apply_window(source, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
-                    y = torch.from_numpy(apply_window(target, window, config.hu_range))[:, None].to(device, memory_format=memory_format)
-                    record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F)
+                    x = torch.from_numpy(apply_window(source, window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
+                    y = torch.from_numpy(apply_window(target, window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
+                    _set_learning_rate(config, (opt_g, opt_d), steps_done, total_steps)
+                    record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F,
+                                        adversarial=steps_done >= config.adversarial_warmup)
                     for k in sums:
                         sums[k] += record.get(k, 0.0)
                     steps_done += 1
@@ -423,12 +445,18 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                 if dist.main:
                     loaded = LoadedModel(card=card, generator=generator.eval(), discriminator=discriminator)
                     epoch_record["val_psnr_db"], epoch_record["val_input_psnr_db"] = validation_psnr(loaded, val, spacing, device)
-                    card["validation"] = {"psnr_db": epoch_record["val_psnr_db"], "input_psnr_db": epoch_record["val_input_psnr_db"], "slices": len(val)}
-                    card["final_window"] = list(window)
+                    improved = epoch_record["val_psnr_db"] > best["psnr_db"]
+                    if improved:
+                        best = {"psnr_db": epoch_record["val_psnr_db"], "epoch": epoch, "window": list(window)}
+                        card["validation"] = {"psnr_db": epoch_record["val_psnr_db"], "input_psnr_db": epoch_record["val_input_psnr_db"],
+                                              "slices": len(val), "epoch": epoch}
+                        card["final_window"] = list(window)
+                    epoch_record["best_epoch"] = best["epoch"]
                     card["window_history"] = schedule.history
-                    card["training"].update(epochs_done=epoch + 1, steps_done=steps_done)
-                    _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done)
-                    if _cam_samples(out, generator, discriminator, val, config, device):  # of the model just saved
+                    card["training"].update(epochs_done=epoch + 1, steps_done=steps_done, best_epoch=best["epoch"],
+                                            last_val_psnr_db=epoch_record["val_psnr_db"])
+                    _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done, best, improved)
+                    if _cam_samples(out, generator, discriminator, val, config, device):  # of this epoch's model
                         epoch_record["cam_samples"] = CAM_SAMPLES
                     log.write(json.dumps(epoch_record) + "\n")
                     log.flush()
@@ -445,6 +473,8 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             card["training"]["status"] = status
             if (out / CARD_NAME).exists():
                 write_card(out, card)
+                if best["epoch"] is not None and best["epoch"] + 1 != card["training"].get("epochs_done"):
+                    _restore_best(out, generator, discriminator)  # the plots show the model users get
                 _plots(out, card, generator, discriminator, val, config, device)
             elif status == "cancelled":
                 _remove_empty_run(out)
@@ -453,9 +483,22 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         dist.close()
 
 
-def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
+def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
+    """pix2pix's schedule when ``lr_decay``: the base rate for the first half of the steps, then linearly to
+    zero; derived from the step count, so a resumed run continues it exactly."""
+    factor = 1.0
+    if config.lr_decay and total > 1:
+        half = total // 2
+        factor = 1.0 if step < half else max(0.0, (total - step) / max(1, total - half))
+    for opt in optimizers:
+        if opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = config.lr * factor
+
+
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool = True) -> dict:
     """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
-    lambda L1. Choe: L2 only."""
+    lambda L1 (L1 alone while ``adversarial`` is off). Choe: L2 only."""
     import torch
 
     l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
@@ -479,9 +522,9 @@ def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F) -> dict:
     opt_d.step()
     with autocast:
         logits = d(x, fake)
-        adversarial = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
+        adversarial_loss = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
         l1 = F.l1_loss(fake.float(), y.float())
-        loss_g = adversarial + config.lambda_l1 * l1
+        loss_g = (adversarial_loss if adversarial else 0.0 * adversarial_loss) + config.lambda_l1 * l1
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -513,17 +556,28 @@ def _dynamic_selection(generator, discriminator, sampler, config, device):
     return selected, {"cam_" + k: v for k, v in details.items()}
 
 
-def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, steps_done) -> None:
-    weights = {"generator": generator.state_dict()}
+def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, steps_done, best, improved) -> None:
+    """``checkpoint.pt``: the latest epoch, to resume; ``weights.pt``: the epoch with the best validation PSNR,
+    what harmonization uses."""
     checkpoint = {"generator": generator.state_dict(), "opt_g": opt_g.state_dict(), "epoch": epoch, "steps_done": steps_done,
-                  "schedule": schedule.state()}
+                  "schedule": schedule.state(), "best": best}
     if discriminator is not None:
-        weights["discriminator"] = discriminator.state_dict()
         checkpoint["discriminator"] = discriminator.state_dict()
         checkpoint["opt_d"] = opt_d.state_dict()
-    atomic_torch_save(weights, out / WEIGHTS_NAME)
+    if improved:
+        weights = {"generator": generator.state_dict()}
+        if discriminator is not None:
+            weights["discriminator"] = discriminator.state_dict()
+        atomic_torch_save(weights, out / WEIGHTS_NAME)
     atomic_torch_save(checkpoint, out / CHECKPOINT_NAME)
     write_card(out, card)
+
+
+def _restore_best(out: Path, generator, discriminator) -> None:
+    state = safe_load(out / WEIGHTS_NAME)
+    generator.load_state_dict(state["generator"])
+    if discriminator is not None:
+        discriminator.load_state_dict(state["discriminator"])
 
 
 def _remove_empty_run(out: Path) -> None:

@@ -1,11 +1,14 @@
 """HU windows and Dynamic Window-based Training (DWT) schedules.
 
-A window [lo, hi] is the HU range a model sees in one epoch: input and target are clipped to it. The scale
-that maps HU to the network's [-1, 1] is the standardization range ([-1024, 1000] HU by default) in every
-epoch and at inference, so a model's units never change: the paper's "min-max scaling" taken over the range,
-not over each window (per-window scaling would change what one network unit means from epoch to epoch and
-leave inference without a defined scale). At inference the window is the whole range; pixels outside it are
-carried over from the input (see ``carry_weight``).
+A window [lo, hi] is the HU range a model sees in one epoch: input and target are clipped to it, then scaled
+to the network's [-1, 1] in one of two ways (``window_scaling``):
+- ``window``: min-max over the window itself, as the paper does, so a narrow window stretches CT contrast
+  over the network's input range (a lung window magnifies lung texture eightfold);
+- ``fixed``: over the standardization range ([-1024, 1000] HU by default) in every epoch, so one network unit
+  means the same HU throughout and DWT is a clip-only curriculum.
+Training ends with consolidation epochs at the inference window (the whole range unless a card says
+otherwise), so both variants end on the scale they are used at. At inference, pixels outside the inference
+window are carried over from the input (see ``carry_weight``).
 
 Schedules (paper section 2.2):
 - ``fixed`` (RadiomicGAN-1): fixed growing from [-1024, -769], widening the upper bound by 256 HU when the
@@ -13,6 +16,7 @@ Schedules (paper section 2.2):
 - ``dynamic`` (RadiomicGAN-2): after each epoch, dynamic selection from Grad-CAM hot spots sets the window;
 - ``dwt`` (RadiomicGAN): fixed growing, then dynamic selection;
 - ``none``: the whole range every epoch (plain pix2pix).
+Every schedule but ``none`` ends with ``consolidate`` epochs at the inference window.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 STANDARD_RANGE = (-1024.0, 1000.0)
 SCHEDULES = ("dwt", "fixed", "dynamic", "none")
+WINDOW_SCALINGS = ("window", "fixed")
 CARRY_MARGIN_HU = 50.0  # blend width between harmonized and carried-over pixels at the range edges
 
 
@@ -37,10 +42,17 @@ def from_unit(unit, hu_range=STANDARD_RANGE):
     return (unit + 1.0) * ((hi - lo) / 2.0) + lo
 
 
-def apply_window(hu, window, hu_range=STANDARD_RANGE):
-    """Clip HU to the window, then scale over the standardization range."""
+def scale_range(window, hu_range=STANDARD_RANGE, scaling: str = "fixed") -> tuple[float, float]:
+    """The HU interval that maps to the network's [-1, 1] for a window under a window-scaling mode."""
+    if scaling not in WINDOW_SCALINGS:
+        raise ValueError(f"unknown window scaling '{scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
+    return (float(window[0]), float(window[1])) if scaling == "window" else (float(hu_range[0]), float(hu_range[1]))
+
+
+def apply_window(hu, window, hu_range=STANDARD_RANGE, scaling: str = "fixed"):
+    """Clip HU to the window, then scale to [-1, 1] (over the window, or over the standardization range)."""
     clipped = hu.clip(window[0], window[1]) if hasattr(hu, "clip") else np.clip(hu, window[0], window[1])
-    return to_unit(clipped, hu_range)
+    return to_unit(clipped, scale_range(window, hu_range, scaling))
 
 
 def carry_weight(hu, hu_range=STANDARD_RANGE, margin: float = CARRY_MARGIN_HU):
@@ -61,6 +73,8 @@ class WindowSchedule:
     step: float = 256.0
     th_acc: float = 0.5
     th_eta: int = 2
+    epochs: int = 0  # the run's length, for consolidation (0: no consolidation)
+    consolidate: int = 0  # last epochs trained at the inference window
     phase: str = ""
     window: tuple[float, float] = (0.0, 0.0)
     epochs_in_window: int = 0
@@ -74,6 +88,7 @@ class WindowSchedule:
             self.phase = {"dwt": "fixed", "fixed": "fixed", "dynamic": "dynamic", "none": "full"}[self.schedule]
             lo, hi = self.hu_range
             self.window = (lo, min(self.start_upper, hi)) if self.phase == "fixed" else (lo, hi)
+            self._consolidate_if_due(0)
         self.window = tuple(float(v) for v in self.window)
 
     @property
@@ -85,10 +100,23 @@ class WindowSchedule:
         """Whether the next window comes from dynamic selection (so Grad-CAM must run after this epoch)."""
         return self.phase == "dynamic"
 
+    @property
+    def inference_window(self) -> tuple[float, float]:
+        return self.hu_range
+
+    def _consolidate_if_due(self, next_epoch: int) -> None:
+        """From ``epochs - consolidate`` on, train at the inference window: the model ends on the window and
+        scale it is used at, whatever the curriculum before."""
+        if self.schedule != "none" and self.consolidate > 0 and next_epoch >= self.epochs - self.consolidate:
+            self.phase = "consolidation"
+            self.window = self.inference_window
+
     def end_epoch(self, epoch: int, accuracy: float, selected: tuple[float, float] | None = None) -> tuple[float, float]:
         """Record the epoch just trained and return the next epoch's window."""
         self.history.append({"epoch": epoch, "phase": self.phase, "lo": self.window[0], "hi": self.window[1], "accuracy": accuracy})
         self.epochs_in_window += 1
+        if self.phase == "consolidation":
+            return self.window
         lo, hi = self.hu_range
         if self.phase == "fixed":
             covered = self.window[1] >= hi
@@ -101,6 +129,7 @@ class WindowSchedule:
             if selected is not None:
                 self.window = (max(lo, selected[0]), min(hi, selected[1]))
                 self.epochs_in_window = 0
+        self._consolidate_if_due(epoch + 1)
         return self.window
 
     def state(self) -> dict:

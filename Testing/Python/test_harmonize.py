@@ -155,6 +155,34 @@ def test_out_of_memory_halves_the_batch(model_dir, scan):
     assert "batch halved to 2" in harmonizer.notes[0]
 
 
+class _TooLargeAbove(_OutOfMemoryAbove):
+    """Stands in for a kernel that refuses tensors of more than 2^31 elements (a RuntimeError, not out of memory)."""
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise RuntimeError("upsample_nearest_nhwc only supports output tensors with less than INT_MAX elements")
+        return self.inner(x)
+
+
+def test_batch_too_large_for_a_kernel_halves_the_batch_and_other_errors_pass(model_dir, scan):
+    reference = Harmonizer(model_dir, device="cpu", batch=1).harmonize(scan.hu)
+    harmonizer = Harmonizer(model_dir, device="cpu", batch=4)
+    harmonizer._network = _TooLargeAbove(harmonizer.model.generator, limit=1)
+    with pytest.warns(UserWarning, match="too large for one kernel"):
+        out = harmonizer.harmonize(scan.hu)
+    np.testing.assert_array_equal(out, reference)
+    assert harmonizer.batch == 1 and harmonizer._network.calls[:3] == [3, 2, 1]
+
+    class _Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("a real bug")
+
+    harmonizer._network = _Broken()
+    with pytest.raises(RuntimeError, match="a real bug"):
+        harmonizer.harmonize(scan.hu)
+
+
 def test_out_of_memory_at_batch_one_moves_to_the_cpu(model_dir, scan):
     """An accelerator that cannot fit even one slice: the work continues on the CPU, and says so. The
     accelerator is stood in for by a second CPU device name, whose allocator always fails."""
@@ -215,3 +243,17 @@ def test_harmonize_command(model_dir, tmp_path, capsys, scan):
     assert (tmp_path / "out.mha").is_file() and (tmp_path / "cam_windows.json").is_file()
     assert main(["harmonize", str(tmp_path / "in.mha"), "--model", str(tmp_path), "--out", str(tmp_path / "x.mha")]) == 2
     assert "not a RadiomicGAN model folder" in capsys.readouterr().err
+
+
+def test_gradcam_window_on_the_device_equals_dynamic_selection(model_dir, scan):
+    """The hot-spot values are counted on the device; the window must be what dynamic selection makes of the maps."""
+    from radiomicgan.window import select_window
+
+    harmonizer = Harmonizer(model_dir, device="cpu", batch=2)
+    candidate = harmonizer.harmonize(scan.hu)
+    for th_fail in (0.2, 0.5):
+        cams, summary = harmonizer.gradcam(scan.hu, candidate, th_fail=th_fail)
+        window, details = select_window(list(cams), list(candidate), th_fail, harmonizer._window_and_scale()[0])
+        assert summary["hot_values"] == details["hot_values"] > 0
+        assert summary["hot_spot_window_hu"] == (list(window) if window else None)
+        assert summary["hot_fraction"] == pytest.approx(float((cams > th_fail).mean()))

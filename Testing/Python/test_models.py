@@ -37,15 +37,65 @@ def generator():
     return g.eval()
 
 
-def test_generator_encoder_is_vgg19_frozen_with_trainable_filters(generator):
+def test_generator_encoder_is_vgg19_with_trainable_filters(generator, tmp_path):
     convs = [m for group in generator.groups for m in group if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512]
-    assert all(not p.requires_grad for p in generator.groups.parameters())
     assert all(p.requires_grad for p in generator.filters.parameters())
     assert [f[0].out_channels for f in generator.filters] == [32, 64, 128, 256]
     assert "random" in generator.vgg_source
-    finetuned = RadiomicGANGenerator("random", finetune_vgg=True)
-    assert all(p.requires_grad for p in finetuned.groups.parameters())
+    # random weights are trained (frozen random filters transfer nothing); pretrained ones stay frozen (paper)
+    assert generator.encoder == "trainable" and all(p.requires_grad for p in generator.groups.parameters())
+    frozen = RadiomicGANGenerator("random", finetune_vgg=False)
+    assert frozen.encoder == "frozen" and not any(p.requires_grad for p in frozen.groups.parameters())
+    _vgg_file(tmp_path / "vgg.pth")
+    pretrained = RadiomicGANGenerator(str(tmp_path / "vgg.pth"))
+    assert pretrained.encoder == "frozen" and not any(p.requires_grad for p in pretrained.groups.parameters())
+
+
+def test_random_encoder_is_initialised_as_torchvision_does():
+    """With PyTorch's default layer init the fourth group's features of two different images differed by about
+    1/1000 of their size (the encoder carried nothing); torchvision's Kaiming fan-out init keeps them apart."""
+    torch.manual_seed(0)
+    g = RadiomicGANGenerator("random")
+    a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    for group in g.groups:
+        a, b = group(a), group(b)
+        assert a.abs().mean() > 1e-2  # alive after every group
+    assert (a - b).abs().mean() / a.abs().mean() > 0.05
+    convs = [m for m in g.groups.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:  # Kaiming normal, fan-out: std = sqrt(2 / (out_channels * 9))
+        expected = (2.0 / (conv.out_channels * 9)) ** 0.5
+        assert abs(conv.weight.std().item() / expected - 1) < 0.1 and torch.count_nonzero(conv.bias) == 0
+
+
+def test_decoder_features_keep_their_scale():
+    """Trainable layers are Kaiming-initialised for LeakyReLU(0.2): the features the residual head reads are
+    of order one, so the head can build a correction of tens of HU within a short budget."""
+    torch.manual_seed(0)
+    g = RadiomicGANGenerator("random")
+    captured = {}
+    g.head.register_forward_hook(lambda module, inputs, output: captured.setdefault("features", inputs[0]))
+    with torch.no_grad():
+        g(torch.rand(2, 1, 64, 64) * 2 - 1)
+    rms = captured["features"].pow(2).mean().sqrt().item()
+    assert 0.05 < rms < 20
+
+
+def test_head_reaches_a_kernel_sized_correction_quickly():
+    """A constant +68 HU correction (the RMS the phantom needs) is learned within 100 Adam steps at the paper's
+    learning rate; a zero-initialised 1x1 head over weak features managed about 17 HU in the demo's budget."""
+    torch.manual_seed(0)
+    g = RadiomicGANGenerator("random")
+    opt = torch.optim.Adam([p for p in g.parameters() if p.requires_grad], lr=1e-4, betas=(0.5, 0.999))
+    x = torch.rand(2, 1, 32, 32) * 0.2 - 0.6
+    shift = 68.0 / 1012.0  # HU -> units over [-1024, 1000]
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(g(x), x + shift).backward()
+        opt.step()
+    with torch.no_grad():
+        reached = (g(x) - x).mean().item() * 1012.0
+    assert reached > 50.0
 
 
 def test_untrained_generators_are_the_identity():

@@ -16,7 +16,11 @@ from radiomicgan.report import write_report
 from radiomicgan.reproducibility import (
     DEFAULT_PARAMS,
     EvaluationError,
+    PHANTOM_TISSUES,
+    ROI,
+    bootstrap_count_stats,
     bootstrap_counts,
+    body_mask,
     body_slice_rois,
     count_reproducible,
     evaluate,
@@ -25,7 +29,9 @@ from radiomicgan.reproducibility import (
     rois_from_boxes,
     rois_from_labels,
     sample_hu_rois,
+    sample_tissue_rois,
 )
+from radiomicgan.report import format_counts
 from radiomicgan.simulate import phantom_pair
 from radiomicgan.volume import CTVolume
 
@@ -95,19 +101,96 @@ def test_threshold_counting_and_bootstrap():
 # ------------------------------------------------------------------------------------------ ROIs
 
 
-def test_hu_range_roi_sampling(scans):
-    source, _, _ = scans
-    rois = sample_hu_rois(source, ((-900.0, -700.0), (-100.0, 250.0)), per_range=5, size_mm=7.0, slices=2, seed=1)
-    groups = {}
+def test_count_and_interval_on_a_constructed_case():
+    """Known answer: 5 features identical in both images (CCC 1), 4 shifted far (CCC ~ 0), 2 constant in both
+    (undefined), and one identical but for an outlier in ROI 0. On all ROIs the outlier spoils that feature:
+    count 5. A resample leaves ROI 0 out with probability (1 - 1/n)^n, and then the count is 6."""
+    n = 30
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(n, 12))
+    a[:, 9:11] = 7.0
+    b = a.copy()
+    b[:, 5:9] += 100.0
+    b[0, 11] += 50.0
+    stats = bootstrap_count_stats(a, b, resamples=400, seed=0)
+    assert stats["reproducible"] == 5 and stats["excluded_undefined"] == 2  # the point estimate, on all ROIs
+    assert stats["interval"] == [5.0, 6.0]
+    left_out = (1 - 1 / n) ** n  # 0.362
+    assert stats["bootstrap_mean"] == pytest.approx(5 + left_out, abs=0.08)
+    assert stats["bootstrap_sd"] == pytest.approx(np.sqrt(left_out * (1 - left_out)), abs=0.05)
+    clean = bootstrap_count_stats(a[1:], b[1:], resamples=100, seed=0)  # no outlier: 6 always
+    assert clean["reproducible"] == 6 and clean["interval"] == [6.0, 6.0] and clean["bootstrap_sd"] == 0.0
+    assert bootstrap_count_stats(a, b, resamples=0)["interval"] is None
+    assert bootstrap_counts(a, b, resamples=400, seed=0) == (stats["bootstrap_mean"], stats["bootstrap_sd"])
+
+
+def _slab(hu_rows: np.ndarray) -> CTVolume:
+    return CTVolume(hu=np.repeat(hu_rows[None].astype(np.float32), 3, axis=0), spacing=(1.0, 1.0, 1.0))
+
+
+def test_hu_range_rois_lie_inside_the_body():
+    """A body (0 HU) in air, and beside it a detached band of -600 HU (a blanket, say): boxes in the band are
+    wholly in the lung range but outside the body; boxes across the body's edge mix air and tissue."""
+    hu = np.full((60, 60), -1000.0)
+    hu[10:50, 14:54] = 0.0
+    hu[10:50, 0:8] = -600.0
+    volume = _slab(hu)
+    body = body_mask(volume)
+    assert body[:, 10:50, 14:54].all() and not body[:, :, :8].any()
+    assert sample_hu_rois(volume, ((-800.0, -300.0),), per_range=10, size_mm=6.0, slices=2, seed=0) == []
+    rois = sample_hu_rois(volume, ((-1100.0, 250.0),), per_range=50, size_mm=6.0, slices=2, seed=0)  # air and tissue
+    assert len(rois) >= 20
     for roi in rois:
-        groups.setdefault(roi.group, []).append(roi)
         z0, z1, y0, y1, x0, x1 = roi.box
-        lo, hi = map(float, roi.group.strip("[]").split(","))
-        assert lo <= source.hu[z0:z1, y0:y1, x0:x1].mean() <= hi  # membership decided on the reference
-        assert (z1 - z0, y1 - y0, x1 - x0) == (2, 10, 10)
-    assert sorted(groups) == ["[-100, 250]", "[-900, -700]"] and all(len(v) == 5 for v in groups.values())
-    again = sample_hu_rois(source, ((-900.0, -700.0), (-100.0, 250.0)), per_range=5, size_mm=7.0, slices=2, seed=1)
-    assert [r.box for r in again] == [r.box for r in rois]  # seeded
+        assert body[z0:z1, y0:y1, x0:x1].all() and (z1 - z0, y1 - y0, x1 - x0) == (2, 6, 6)
+
+
+def test_hu_range_rois_need_most_voxels_in_range():
+    """Every 4th column at 300 HU: each 8-wide box has 75 % of its voxels in [-100, 250] (its mean, 75 HU, is
+    in the range too): rejected at the 80 % default, taken at 70 %."""
+    hu = np.full((64, 64), -1000.0)
+    hu[8:56, 8:56] = 0.0
+    hu[8:56, 8:56:4] = 300.0
+    volume = _slab(hu)
+    ranges = ((-100.0, 250.0),)
+    assert sample_hu_rois(volume, ranges, per_range=5, size_mm=8.0, slices=2, seed=0) == []
+    rois = sample_hu_rois(volume, ranges, per_range=5, size_mm=8.0, slices=2, seed=0, min_fraction=0.7)
+    assert len(rois) == 5
+    for roi in rois:
+        z0, z1, y0, y1, x0, x1 = roi.box
+        box = volume.hu[z0:z1, y0:y1, x0:x1]
+        assert np.mean((box >= -100) & (box <= 250)) == pytest.approx(0.75)
+    boxes = [r.box for r in rois]
+    assert boxes == [r.box for r in sample_hu_rois(volume, ranges, per_range=5, size_mm=8.0, slices=2, seed=0, min_fraction=0.7)]
+    taken = np.zeros(volume.shape, int)
+    for z0, z1, y0, y1, x0, x1 in boxes:
+        taken[z0:z1, y0:y1, x0:x1] += 1
+    assert taken.max() == 1  # non-overlapping within a range
+
+
+def test_tissue_rois_come_from_the_label_map(scans):
+    _, target, labels = scans
+    rois = sample_hu_rois(target, per_range=12, size_mm=3.5, slices=2, seed=0, labels=labels)
+    groups = {g: [r for r in rois if r.group == g] for g in PHANTOM_TISSUES}
+    assert set(r.group for r in rois) == set(PHANTOM_TISSUES) and len(groups["lung"]) == 12
+    body = body_mask(target)
+    for group, members in groups.items():
+        for roi in members:
+            z0, z1, y0, y1, x0, x1 = roi.box
+            assert body[z0:z1, y0:y1, x0:x1].all()
+            assert np.isin(labels[z0:z1, y0:y1, x0:x1], PHANTOM_TISSUES[group]).mean() >= 0.8
+    strict = sample_tissue_rois(target, labels, per_group=12, size_mm=3.5, slices=2, seed=0, min_fraction=1.0)
+    assert strict
+    for roi in strict:  # every voxel inside its tissue
+        z0, z1, y0, y1, x0, x1 = roi.box
+        assert np.isin(labels[z0:z1, y0:y1, x0:x1], PHANTOM_TISSUES[roi.group]).all()
+    striped = np.zeros(target.shape, np.uint8)
+    striped[:, :, ::4] = 3
+    striped[:, :, 1::4] = 3
+    striped[:, :, 2::4] = 3  # lung in 3 of every 4 columns: at most 75 % of any 8-wide box
+    assert sample_tissue_rois(target, striped, {"lung": (3,)}, per_group=5, size_mm=5.6, slices=2) == []
+    with pytest.raises(EvaluationError, match="shape"):
+        sample_tissue_rois(target, labels[:-1], per_group=5)
 
 
 def test_rois_from_labels_boxes_and_body(scans):
@@ -176,15 +259,27 @@ def test_psnr_and_ssim_agree_with_scikit_image(scans):
 
 def test_evaluate_and_report(scans, fast_params, tmp_path):
     source, target, _ = scans
-    rois = sample_hu_rois(target, ((-900.0, -700.0), (-100.0, 250.0)), per_range=5, size_mm=7.0, slices=2, seed=3)
-    result = evaluate(target, {"input": source, "itself": target}, rois, params=fast_params, workers=2, bootstrap=20,
-                      reference_name="B50")
+    rois = sample_hu_rois(target, ((-900.0, -700.0), (-100.0, 250.0)), per_range=10, size_mm=7.0, slices=2, seed=3)
+    nine = [ROI(f"nine #{k}", "nine", r.box, r.mask) for k, r in enumerate(rois[:9])]  # one short of a count
+    result = evaluate(target, {"input": source, "itself": target}, rois + nine, params=fast_params, workers=2,
+                      bootstrap=20, reference_name="B50")
     groups = result.summary["groups"]
+    assert list(groups) == ["[-900, -700]", "[-100, 250]", "nine"] and groups["[-900, -700]"]["rois"] == 10
     for group in ("[-900, -700]", "[-100, 250]"):
         itself, given = groups[group]["itself"], groups[group]["input"]
         assert itself["reproducible"] + itself["excluded_undefined"] == len(result.feature_names)  # identical: all of them
+        assert itself["interval"] == [itself["reproducible"]] * 2
         assert given["reproducible"] < itself["reproducible"]  # another kernel: fewer
+        assert given["interval"][0] <= given["interval"][1] <= itself["reproducible"]
         assert set(given["by_class"]) == {"firstorder", "glcm"} and set(given["by_image_type"]) == {"original"}
+    assert groups["nine"] == {"rois": 9, "too_small": "only 9 ROI(s); a count needs at least 10"}
+    assert ("nine", "input") not in result.ccc
+    table = format_counts(result.summary)
+    count = groups["[-100, 250]"]["input"]
+    lo, hi = count["interval"]
+    row = next(line for line in table.splitlines() if line.startswith("input"))
+    assert f"{count['reproducible']} [{lo:.0f}, {hi:.0f}] {count['bootstrap_mean']:.0f} +- {count['bootstrap_sd']:.0f}" in row
+    assert "too small" in row and "nine (9 ROIs)" in table
     assert result.summary["image_metrics"]["itself"]["psnr_db"] == float("inf")
     out = write_report(result, tmp_path / "report", {"B50": target, "input": source, "itself": target})
     with open(out / "ccc.csv") as fh:
@@ -193,11 +288,13 @@ def test_evaluate_and_report(scans, fast_params, tmp_path):
     assert all("," not in r["input"] for r in rows)  # '.' decimals
     float(rows[0]["input"])
     with open(out / "features.csv") as fh:
-        assert sum(1 for _ in fh) == 1 + 3 * len(rois) * len(result.feature_names)
+        assert sum(1 for _ in fh) == 1 + 3 * (len(rois) + 9) * len(result.feature_names)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pyradiomics_version"] and summary["seed"] == 0
+    assert summary["groups"]["nine"]["too_small"] and summary["groups"]["[-100, 250]"]["input"]["interval"] == [lo, hi]
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Table 1" in page and "pyradiomics" in page
+    assert "<i>too small</i>" in page and f"<b>{count['reproducible']}</b> <small>[{lo:.0f}, {hi:.0f}]</small>" in page
 
 
 def test_evaluate_command(scans, fast_params, tmp_path, capsys):
@@ -210,7 +307,8 @@ def test_evaluate_command(scans, fast_params, tmp_path, capsys):
                  "--labels", str(tmp_path / "labels.nrrd"), "--params", str(fast_params), "--out", str(tmp_path / "r"),
                  "--workers", "1", "--bootstrap", "10"]) == 0
     printed = capsys.readouterr().out
-    assert "labels" in printed and "PSNR" in printed and (tmp_path / "r" / "report.html").is_file()
+    assert "labels (3 ROIs)" in printed and "group labels: too small" in printed and "PSNR" in printed
+    assert (tmp_path / "r" / "report.html").is_file()
     assert main(["evaluate", "--reference", str(tmp_path / "b50.nrrd"), "--candidate", f"input={tmp_path / 'b30.nrrd'}",
                  "--out", str(tmp_path / "r")]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err

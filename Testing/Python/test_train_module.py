@@ -191,13 +191,14 @@ def comparison(tmp_path_factory):
     b30 = add_volume_node(scene, source, "B30")
     copy = add_volume_node(scene, target, "copy")
     masks = {}
-    for k, (y, x) in enumerate([(8, 8), (8, 30), (30, 8), (30, 30)]):
+    spots = [(2 + 12 * (k // 4), 2 + 12 * (k % 4)) for k in range(12)]
+    for k, (y, x) in enumerate(spots[:10]):  # a count needs at least 10 ROIs in a group
         m = np.zeros(target.shape, bool)
         m[:, y : y + 8, x : x + 8] = True
         masks[f"s{k}"] = m
     segmentation = _segmentation_from(scene, reference, masks)
     rois = []
-    for k, (y, x) in enumerate([(20, 20), (4, 20), (20, 4), (23, 23)]):  # overlapping the segments and each other
+    for k, (y, x) in enumerate(spots[2:12] + [(spots[2][0] + 3, spots[2][1] + 3)]):  # overlapping segments and each other
         centre = _ijk_to_ras(reference) @ np.array([x + 4.5, y + 4.5, 1.0, 1.0])
         rois.append(_roi(scene, centre[:3], (6.0, 6.0, 4.0)))
     before = slicer.util.arrayFromVolume(reference).copy()
@@ -218,11 +219,12 @@ def test_comparison_runs_in_the_background_and_fills_tables(comparison):
     assert results.report.is_file() and results.report.parent == root / "report"
     summary = json.loads((root / "report" / "summary.json").read_text())
     assert set(summary["groups"]) == {"segments", "boxes"}
-    assert summary["groups"]["segments"]["rois"] == 4 and summary["groups"]["boxes"]["rois"] == 4
+    assert summary["groups"]["segments"]["rois"] == 10 and summary["groups"]["boxes"]["rois"] == 11
     legend = json.loads((root / "report" / "roi_names.json").read_text())
-    assert sorted(n for names in legend["segments"].values() for n in names.values()) == ["s0", "s1", "s2", "s3"]
+    assert sorted(n for names in legend["segments"].values() for n in names.values()) == sorted(f"s{k}" for k in range(10))
     assert len(legend["boxes"]) == 2  # the two overlapping boxes cannot share one label map
-    assert sorted(n for names in legend["boxes"].values() for n in names.values()) == ["roi", "roi (2)", "roi (3)", "roi (4)"]
+    assert sorted(n for names in legend["boxes"].values() for n in names.values()) == sorted(
+        ["roi"] + [f"roi ({k})" for k in range(2, 12)])
     # summary table: one row per candidate and group, the counts of summary.json
     table = results.summary_table
     assert table.GetNumberOfRows() == 4  # 2 candidates x 2 groups

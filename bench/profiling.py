@@ -1,0 +1,41 @@
+"""Where the GPU time goes, for the benches: the top kernels of a profiled call, and how busy the GPU was."""
+
+from __future__ import annotations
+
+import time
+
+
+def profile_summary(fn, title: str, rows: int = 15) -> str:
+    """Run ``fn`` once under the PyTorch profiler (CUDA) and return a text report: wall time, the sum of the GPU
+    kernels' time (busy fraction: well under 100 % means the GPU waits for the host), and the top kernels."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        started = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - started
+    averages = prof.key_averages()
+
+    def device_time(event) -> float:
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(event, name):
+                return float(getattr(event, name))
+        return 0.0
+
+    kernels_us = sum(device_time(e) for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA)
+    table = None
+    for key in ("self_device_time_total", "self_cuda_time_total", "cuda_time_total"):
+        try:
+            table = averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    head = (f"{title}\nwall {wall * 1e3:.1f} ms (under the profiler); GPU kernels {kernels_us / 1e3:.1f} ms "
+            f"= {100 * kernels_us / 1e6 / wall:.0f} % busy\n")
+    return head + (table or averages.table(row_limit=rows)) + "\n"
