@@ -307,7 +307,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showCamPlot(run.folder)  # drawn when the training ends
         if run.warnings:
             slicer.util.warningDisplay("\n".join(run.warnings), windowTitle="RadiomicGAN training")
-        if code == 0:
+        if code in (0, 130):  # 130: stopped by Cancel after an epoch
             status = run.plots.status if run.plots is not None else None
             self.ui.trainingStatusLabel.text = (f"Training {status or 'finished'}: {run.folder}"
                                                 + (" (last complete epoch kept)" if status == "cancelled" else ""))
@@ -459,7 +459,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             return run
         code = run.wait(timeout=timeout)
-        if code != 0:
+        if code not in (0, 130):  # 130: cancelled, the last complete epoch kept
             raise RuntimeError("training failed: " + ("\n".join(run.errors) or "\n".join(run.process.lines[-15:])))
         return run.plots
 

@@ -47,8 +47,8 @@ PARTS=$WORK/parts
 mkdir -p "$PARTS"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-TOTAL=${GPU_CHECK_SECONDS:-480}
-RESERVE_F=${RESERVE_F:-180} # seconds kept for the quality run while parts a-e run
+TOTAL=${GPU_CHECK_SECONDS:-570}
+RESERVE_F=${RESERVE_F:-250} # seconds kept for the quality run while parts a-e run
 
 if [ $SMOKE = 1 ]; then
     DEVICE=cpu
@@ -130,40 +130,17 @@ else
 fi
 [ -f "$WORK/ddp/ddp_runs.log" ] && cp "$WORK/ddp/ddp_runs.log" "$OUT/ddp_runs.log"
 
-# f) the quality run, with what is left
-REAL_SLICE=${REAL_SLICE:-bench/real_slice.py}
+# f) the quality run, with what is left: bench/real_slice_sweep.sh trains every method (and the variants behind
+#    the training defaults) side by side on the left half of the real slice and evaluates on the right half
 DATA=.gpu_data/real-kernels
 [ -d "$DATA" ] || DATA=../shared/data/real-kernels
-if [ -f "$REAL_SLICE" ]; then
-    left=$((TOTAL - $(elapsed) - 5))
-    help=$($PY "$REAL_SLICE" --help 2>&1)
-    extra=()
-    if grep -q -- --seconds-per-method <<<"$help"; then
-        learned=5 # choe, radiomicgan with no schedule, fixed, dynamic, dwt (the filter fits in seconds)
-        seconds=${REAL_SECONDS_PER_METHOD:-$(((left - 70) / learned))}
-        [ "$seconds" -gt 60 ] && seconds=60
-        [ "$seconds" -lt 1 ] && seconds=1
-        [ $SMOKE = 1 ] && seconds=${REAL_SECONDS_PER_METHOD:-2}
-        extra+=(--seconds-per-method "$seconds")
-    else
-        echo "real_slice.py has no --seconds-per-method: running it with its own defaults"
-    fi
-    if [ $SMOKE = 1 ]; then # the CPU trains the big generators too slowly for a smoke run
-        grep -q -- --methods <<<"$help" && extra+=(--methods input,filter,choe)
-        grep -q -- --seconds-per-method <<<"$help" || { grep -q -- --steps <<<"$help" && extra+=(--steps 24); }
-        grep -q -- --rois-per-range <<<"$help" && extra+=(--rois-per-range 5)
-    fi
-    # shellcheck disable=SC2086
-    part f_real_slice $left $PY "$REAL_SLICE" --device $DEVICE --data "$DATA" "${extra[@]}" --out "$WORK/real_slice" ${REAL_ARGS:-}
-    [ -f "$WORK/real_slice/table.md" ] && cp "$WORK/real_slice/table.md" "$OUT/real_slice_table.md"
-    if [ -f "$WORK/real_slice/summary.json" ]; then
-        cp "$WORK/real_slice/summary.json" "$OUT/real_slice_summary.json"
-        cp "$WORK/real_slice/summary.json" "$PARTS/f_real_slice.json"
-    fi
-else
-    echo "=== f_real_slice: skipped: $REAL_SLICE is not in this checkout"
-    echo "f_real_slice skipped ($REAL_SLICE absent)" >>"$WORK/status"
+left=$((TOTAL - $(elapsed) - 10))
+if [ $SMOKE = 1 ]; then
+    export DEMO_ARGS="--steps 4 --epochs 2 --crop 32 --batch 2" GPU_ARGS="--steps 4 --epochs 2 --crop 32 --batch 2"
 fi
+export LIMIT=$((left - 25)) PYTHON=$PY
+part f_real_slice $left bash bench/real_slice_sweep.sh "$DATA" "$WORK/sweep" $DEVICE
+[ -f "$WORK/sweep/sweep.md" ] && cp "$WORK/sweep/sweep.md" "$OUT/real_slice_sweep.md"
 
 cat "$WORK"/profile_*.txt >"$OUT/profile.txt" 2>/dev/null || rm -f "$OUT/profile.txt"
 [ -s "$OUT/profile.txt" ] || rm -f "$OUT/profile.txt"

@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--rois-per-range", type=int, default=20)
     parser.add_argument("--no-features", action="store_true", help="PSNR/SSIM only (fast)")
+    parser.add_argument("--workers", type=int, default=None, help="feature-extraction processes (default: one per core)")
+    parser.add_argument("--label", default="", help="suffix for the method names in the table (experiments)")
     parser.add_argument("--config", default="{}", help="extra TrainConfig fields as JSON, for experiments")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="folder for the models, summary.json and table.md")
@@ -118,17 +120,20 @@ def main(argv=None) -> int:
 
     rows = {m: {"psnr_db": psnr(test_target.hu, im), "ssim": ssim(test_target.hu, im), "train_seconds": seconds.get(m, 0.0)}
             for m, im in images.items()}
+    if args.label:
+        rows = {(m if m == "input" else f"{m} {args.label}"): r for m, r in rows.items()}
+        images = {(m if m == "input" else f"{m} {args.label}"): im for m, im in images.items()}
     groups = []
     if not args.no_features:
         from radiomicgan.reproducibility import evaluate, sample_hu_rois
 
         rois = sample_hu_rois(test_target, per_range=args.rois_per_range, size_mm=10.0, slices=1, seed=args.seed)
         evaluation = evaluate(test_target, {m: test_source.with_hu(im) for m, im in images.items()}, rois,
-                              params=PARAMS_2D, bootstrap=0, seed=args.seed, reference_name="B50")
+                              params=PARAMS_2D, bootstrap=0, seed=args.seed, reference_name="B50", workers=args.workers)
         for group, entry in evaluation.summary["groups"].items():
             groups.append(group)
             for m in images:
-                rows[m][group] = entry.get(m, {}).get("reproducible") if "skipped" not in entry else None
+                rows[m][group] = entry.get(m, {}).get("reproducible") if "too_small" not in entry and "skipped" not in entry else None
         features = evaluation.summary["features"]
         rois_per_group = {g: e.get("rois") for g, e in evaluation.summary["groups"].items()}
     else:

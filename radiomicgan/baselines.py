@@ -14,6 +14,16 @@ from .kernels import radial_frequency, transfer_sums
 
 FILTER_RINGS = 96
 HIST_QUANTILES = 1001
+FILTER_PAD = 32  # pixels mirrored around a slice before the FFT (the kernel ratio's response is shorter)
+
+
+def reflect_pad(stack: np.ndarray, width: int = FILTER_PAD) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Mirror ``width`` pixels around each slice (fewer on a small slice) so the FFT's wrap-around joins the
+    image to its own mirror, not to the opposite border; the slices crop the result back."""
+    pads = [min(width, n - 1) for n in stack.shape[-2:]]
+    padded = np.pad(stack, [(0, 0)] * (stack.ndim - 2) + [(p, p) for p in pads], mode="reflect")
+    crop = (Ellipsis, slice(pads[0], pads[0] + stack.shape[-2]), slice(pads[1], pads[1] + stack.shape[-1]))
+    return padded, crop
 
 
 class FilterHarmonizer:
@@ -43,11 +53,11 @@ class FilterHarmonizer:
         return cls(f, ratio)
 
     def harmonize(self, hu: np.ndarray, spacing_xy) -> np.ndarray:
-        stack = np.asarray(hu, dtype=np.float32)
+        stack, crop = reflect_pad(np.asarray(hu, dtype=np.float32))
         f = radial_frequency(stack.shape[-2:], (spacing_xy[1], spacing_xy[0]))
         gain = np.interp(f, self.frequencies, self.ratio).astype(np.float32)
         out = scipy.fft.irfft2(scipy.fft.rfft2(stack, workers=-1) * gain, s=stack.shape[-2:], workers=-1)
-        return out.astype(np.float32)
+        return out[crop].astype(np.float32)
 
     def state(self) -> dict:
         import torch

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +19,19 @@ from .errors import RadiomicGANError
 
 EXIT_USAGE = 2
 EXIT_CANCELLED = 130
+# "-800:-300" is an HU range (evaluate --ranges), not an option: argparse treats it like a negative number.
+_NEGATIVE_NUMBER_OR_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+:-?\d*\.?\d+$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit status 2), and HU ranges that start with a minus sign."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER_OR_RANGE
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _kernel_pairs(values: list[str]) -> dict[str, str]:
@@ -25,13 +40,18 @@ def _kernel_pairs(values: list[str]) -> dict[str, str]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise RadiomicGANError(f"'{value}': expected KERNEL=FILE, e.g. B30=scan_b30.nrrd")
+        if name in pairs:
+            raise RadiomicGANError(f"'{value}': the name {name} is given twice; names must be unique")
         pairs[name] = path
     return pairs
 
 
 def _at_least(minimum: int):
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}")
         return value
@@ -39,17 +59,27 @@ def _at_least(minimum: int):
     return parse
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}': must be a finite number")
+    return value
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
+        raise argparse.ArgumentTypeError(f"'{text}': must be positive")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _finite_float(text)
     if not value >= 0:
-        raise argparse.ArgumentTypeError("must be zero or more")
+        raise argparse.ArgumentTypeError(f"'{text}': must be zero or more")
     return value
 
 
@@ -78,14 +108,68 @@ def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
     return emit
 
 
+def _fraction(text: str) -> float:
+    """A probability, a CAM level or an accuracy: between 0 and 1."""
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}': must be between 0 and 1")
+    return value
+
+
+def _adam_beta(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}': must be at least 0 and below 1")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"'{text}': expected auto, cpu, cuda or cuda:N")
+    return text
+
+
+class _HURange(argparse.Action):
+    """--hu-range LO HI with LO < HI."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        lo, hi = values
+        if not lo < hi:
+            parser.error(f"argument {option_string}: LO {lo:g} must be below HI {hi:g}")
+        setattr(namespace, self.dest, [lo, hi])
+
+
+def _consolidation(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}': must be a fraction in [0, 1)")
+    return value
+
+
 def cmd_simulate(args) -> int:
-    from .io import check_output_path, read_volume, write_volume
+    from .io import check_output_path, check_output_volume, check_writable, read_volume, write_volume
     from .simulate import rekernel_volume, simulate_phantom_pairs
 
+    if args.pairs:
+        from .simulate import rekernel_folder_pairs
+
+        if not args.from_volume or not args.kernel:
+            raise RadiomicGANError("--pairs needs --from FOLDER_OF_SCANS and --kernel NAME (the kernel to simulate)")
+        if args.out:
+            raise RadiomicGANError("--pairs names the output folder; leave out --out")
+        manifest, count = rekernel_folder_pairs(
+            args.from_volume, args.pairs, args.kernel, args.source_kernel, seed=args.seed, noise_scale=args.noise_scale,
+            suffix=args.format, overwrite=args.overwrite,
+        )
+        print(f"wrote {count} pair(s) (source: simulated {args.kernel.upper()}, target: the scan) and {manifest}")
+        return 0
+    if not args.out:
+        raise RadiomicGANError("simulate needs --out (or --pairs DIR with --from FOLDER)")
     if args.from_volume:
         if not args.kernel:
             raise RadiomicGANError("--from needs --kernel NAME (the kernel to simulate)")
         check_output_path(args.out, [args.from_volume])
+        check_output_volume(args.out)
         volume = read_volume(args.from_volume, series_uid=args.series)
         result = rekernel_volume(volume, args.kernel, args.source_kernel, seed=args.seed, noise_scale=args.noise_scale)
         write_volume(result, args.out, overwrite=args.overwrite, description=result.meta.series_description,
@@ -94,6 +178,7 @@ def cmd_simulate(args) -> int:
         return 0
     from tqdm import tqdm
 
+    check_writable(args.out)
     with tqdm(total=args.cases, desc="phantom pairs", unit="case", disable=not sys.stderr.isatty()) as bar:
         manifest = simulate_phantom_pairs(
             args.out, args.cases, size=args.size, slices=args.slices, seed=args.seed,
@@ -132,8 +217,10 @@ def cmd_calibrate(args) -> int:
     import numpy as np
 
     from .calibration import calibrate, fit_presets, format_report, plot_calibration
-    from .io import read_volume
+    from .io import check_writable, read_volume
 
+    if args.out:
+        check_writable(args.out)
     images, spacing = {}, args.spacing
     for name, path in _kernel_pairs(args.images).items():
         volume = read_volume(path)
@@ -147,6 +234,13 @@ def cmd_calibrate(args) -> int:
     pairs, noises = calibrate(images, spacing)
     print(f"pixel spacing {spacing:.4f} mm")
     print(format_report(pairs, noises))
+    if not args.no_realism:
+        from .calibration import _preset, format_realism, realism
+
+        names = list(images)
+        for a, b in zip(names, names[1:]):
+            if _preset(a) and _preset(b) and _preset(a) != _preset(b):
+                print(format_realism(realism(images[a], images[b], spacing, _preset(a).name, _preset(b).name)))
     if args.fit:
         print("Refitted presets (transfer (1 + c f^2) exp(-a f^2 - b f^4), NPS = noise f T^2):")
         for name, values in fit_presets(pairs, noises).items():
@@ -160,15 +254,21 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .io import check_writable
     from .train import TrainConfig, train
 
+    if args.schedule not in (None, "none") and args.method in ("filter", "histmatch"):
+        raise RadiomicGANError(f"--schedule {args.schedule}: method {args.method} is fitted in closed form and has no "
+                               "training windows; leave --schedule out (or give none)")
+    check_writable(args.out)
     config = TrainConfig(
         method=args.method, schedule=args.schedule or ("dwt" if args.method == "radiomicgan" else "none"),
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, crop=args.crop, lr=args.lr,
         beta1=args.beta1, lambda_l1=args.lambda_l1, th_acc=args.th_acc, th_eta=args.th_eta, th_fail=args.th_fail,
         cam_subset=args.cam_subset, window_step=args.window_step, hu_range=tuple(args.hu_range),
         vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
-        val_slices=args.val_slices,
+        val_slices=args.val_slices, window_scaling=args.window_scaling, consolidate=args.consolidate,
+        lr_decay=args.lr_decay, adversarial_warmup=args.adversarial_warmup,
     )
     emit = _progress_lines(args.progress_json, "train")
 
@@ -180,6 +280,11 @@ def cmd_train(args) -> int:
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         v = card.get("validation", {})
         status = card.get("training", {}).get("status", "completed")
+        if status == "cancelled":
+            done = card.get("training", {}).get("epochs_done", 0)
+            kept = f"{args.out} keeps epoch {done} (continue with --resume)" if done else "no epoch completed; nothing kept"
+            print(f"radiomicgan: cancelled: {kept}", file=sys.stderr)
+            return EXIT_CANCELLED
         print(f"{status}: {args.out} ({card['method']}); validation PSNR input {v.get('input_psnr_db', float('nan')):.2f} dB "
               f"-> model {v.get('psnr_db', float('nan')):.2f} dB")
     return 0
@@ -230,11 +335,12 @@ def _parse_range(text: str) -> tuple[float, float]:
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from .io import read_volume
-    from .report import format_counts, write_report
+    from .io import check_owned, check_writable, read_volume
+    from .report import REPORT_FILES, format_counts, write_report
     from .reproducibility import (
         PAPER_RANGES,
         body_slice_rois,
+        check_params,
         evaluate,
         rois_from_boxes,
         rois_from_labels,
@@ -244,8 +350,16 @@ def cmd_evaluate(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise RadiomicGANError(f"{out}: already exists and is not empty; refusing to overwrite")
+    check_writable(out)
+    if args.overwrite and out.is_dir():
+        check_owned(out, lambda f: f.name in REPORT_FILES)  # --overwrite replaces a report, never a user's file
+    names = _kernel_pairs(args.candidate)
+    if args.reference_name in names:
+        raise RadiomicGANError(f"--candidate {args.reference_name}=...: the name of the reference (--reference-name); "
+                               "give the candidate another name")
+    check_params(args.params)
     reference = read_volume(args.reference)
-    candidates = {name: read_volume(path) for name, path in _kernel_pairs(args.candidate).items()}
+    candidates = {name: read_volume(path) for name, path in names.items()}
     if args.labels:
         rois = []
         for value in args.labels:  # [GROUP=]FILE, repeatable: overlapping ROIs go into separate label maps
@@ -293,12 +407,17 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radiomicgan", description="CT kernel harmonization for reproducible radiomics.")
+    from .train import TrainConfig
+    from .window import WINDOW_SCALINGS
+
+    parser = _Parser(prog="radiomicgan", description="CT kernel harmonization for reproducible radiomics.")
     parser.add_argument("--version", action="version", version=f"radiomicgan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="make paired kernel data: phantom pairs, or re-kernel a scan (--from)")
-    sim.add_argument("--out", required=True, help="folder for phantom pairs; output volume with --from")
+    sim.add_argument("--out", help="folder for phantom pairs; output volume with --from")
+    sim.add_argument("--pairs", metavar="DIR", help="with --from FOLDER: re-kernel every scan in it and write a pairs "
+                     "manifest here (source: the simulated --kernel, target: the scan), to train without paired scans")
     sim.add_argument("--from", dest="from_volume", help="re-kernel this volume (DICOM folder or file, NRRD, NIfTI, MetaImage)")
     sim.add_argument("--kernel", help="kernel to simulate (with --from), or the target kernel of phantom pairs (default B50)")
     sim.add_argument("--source-kernel", help="kernel of the --from volume when its tag does not say; source kernel of phantom pairs (default B30)")
@@ -321,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="compare kernel presets with real images of one scan in several kernels")
     cal.add_argument("images", nargs="+", metavar="KERNEL=FILE", help="registered images, smoothest first")
-    cal.add_argument("--spacing", type=float, help="pixel spacing in mm when the headers lost it")
+    cal.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm when the headers lost it")
     cal.add_argument("--out", help="folder for calibration.png")
     cal.add_argument("--fit", action="store_true", help="also print presets refitted to these images")
+    cal.add_argument("--no-realism", action="store_true",
+                     help="skip comparing simulated pairs with each pair of neighbouring kernels (coherence, fitted filter gain)")
     cal.set_defaults(func=cmd_calibrate)
 
     tr = sub.add_parser("train", help="train RadiomicGAN (DWT) or a baseline on paired data")
@@ -337,19 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", type=_at_least(1), default=4)
     tr.add_argument("--crop", type=_at_least(8), default=128, help="training crop size in pixels")
     tr.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    tr.add_argument("--beta1", type=float, default=0.5, help="Adam beta1, the paper's momentum (0.5)")
+    tr.add_argument("--beta1", type=_adam_beta, default=0.5, help="Adam beta1, the paper's momentum (0.5)")
     tr.add_argument("--lambda-l1", type=_non_negative_float, default=100.0, help="weight of L1 against the adversarial loss")
-    tr.add_argument("--th-acc", type=float, default=0.5, help="fixed growing: widen when generator accuracy exceeds this")
+    tr.add_argument("--th-acc", type=_fraction, default=0.5, help="fixed growing: widen when generator accuracy exceeds this")
     tr.add_argument("--th-eta", type=_at_least(1), default=2, help="fixed growing: widen after this many epochs in a window")
-    tr.add_argument("--th-fail", type=float, default=0.5, help="dynamic selection: CAM value that marks a hot spot")
+    tr.add_argument("--th-fail", type=_fraction, default=0.5, help="dynamic selection: CAM value that marks a hot spot")
     tr.add_argument("--cam-subset", type=_at_least(1), default=8, help="dynamic selection: slices in the random subset P")
     tr.add_argument("--window-step", type=_positive_float, default=256.0, help="fixed growing step in HU")
-    tr.add_argument("--hu-range", type=float, nargs=2, default=[-1024.0, 1000.0], metavar=("LO", "HI"),
+    tr.add_argument("--hu-range", type=_finite_float, nargs=2, action=_HURange, default=[-1024.0, 1000.0], metavar=("LO", "HI"),
                     help="standardization range harmonized at inference")
     tr.add_argument("--vgg-weights", default="imagenet",
                     help="encoder weights: imagenet (torchvision download/cache), a weights file, or random")
-    tr.add_argument("--finetune-vgg", action="store_true", help="train the VGG layers too (frozen by default)")
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    encoder = tr.add_mutually_exclusive_group()
+    encoder.add_argument("--finetune-vgg", dest="finetune_vgg", action="store_true", default=None,
+                         help="train the VGG layers (the default for random weights)")
+    encoder.add_argument("--freeze-vgg", dest="finetune_vgg", action="store_false",
+                         help="keep the VGG layers frozen (the default for pretrained weights, as in the paper)")
+    defaults = TrainConfig()
+    tr.add_argument("--window-scaling", choices=WINDOW_SCALINGS, default=defaults.window_scaling,
+                    help="scale each window to [-1, 1] over the window itself (paper) or over --hu-range "
+                         f"(default {defaults.window_scaling}, chosen by measurement: see README)")
+    tr.add_argument("--consolidate", type=_consolidation, default=defaults.consolidate,
+                    help=f"fraction of the epochs that end training at the inference window (default {defaults.consolidate})")
+    tr.add_argument("--no-lr-decay", dest="lr_decay", action="store_false",
+                    help="keep the learning rate constant (default: pix2pix's linear decay over the second half)")
+    tr.add_argument("--adversarial-warmup", type=_at_least(0), default=defaults.adversarial_warmup,
+                    help=f"first steps trained on L1 alone (default {defaults.adversarial_warmup})")
+    tr.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -362,12 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     hz.add_argument("input", help="DICOM folder or file, NRRD, NIfTI or MetaImage")
     hz.add_argument("--model", required=True, help="model folder made by `radiomicgan train`")
     hz.add_argument("--out", required=True, help="output volume (same format as the input; a folder for a DICOM series)")
-    hz.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    hz.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     hz.add_argument("--batch", type=_at_least(1), help="slices per batch (default 16 on CUDA, 1 on the CPU; halved automatically on out-of-memory)")
     hz.add_argument("--gradcam", metavar="CAM_OUTPUT",
                     help="also write the discriminator's Grad-CAM map of the result (.nrrd/.nii.gz/.mha), of the input "
                          "(<name>_input), and the hot-spot windows (<name>_windows.json)")
-    hz.add_argument("--th-fail", type=float, default=0.5, help="CAM value that marks a hot spot (default 0.5)")
+    hz.add_argument("--th-fail", type=_fraction, default=0.5, help="CAM value that marks a hot spot (default 0.5)")
     hz.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA; pays off on large volumes)")
     hz.add_argument("--series", help="SeriesInstanceUID when the input folder holds several series")
     hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -393,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--whole-image", action="store_true", help="also measure the whole body on every slice")
     ev.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
     ev.add_argument("--workers", type=_at_least(1), help="processes (default one per core)")
-    ev.add_argument("--threshold", type=float, default=0.85, help="CCC above which a feature is reproducible")
-    ev.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples of the ROIs for mean +- SD")
+    ev.add_argument("--threshold", type=_fraction, default=0.85, help="CCC above which a feature is reproducible")
+    ev.add_argument("--bootstrap", type=_at_least(0), default=100, help="bootstrap resamples of the ROIs for mean +- SD")
     ev.add_argument("--reference-name", default="reference")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
@@ -403,12 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")
     demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
-    demo.add_argument("--slices", type=_at_least(1), default=8, help="slices per phantom scan (default 8)")
+    demo.add_argument("--slices", type=_at_least(1), default=10, help="slices per phantom scan (default 10: ten whole-body ROIs)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=_at_least(1), default=12, help="training epochs (default 12, a few minutes on 2 cores)")
     demo.add_argument("--steps-per-epoch", type=_at_least(1), default=25)
     demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
-    demo.add_argument("--rois", type=_at_least(3), default=8, help="random ROIs per HU range for the CCC report (default 8)")
+    demo.add_argument("--rois", type=_at_least(3), default=15, help="random box ROIs per tissue label for the CCC report (default 15)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -422,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RadiomicGANError as exc:
         print(f"radiomicgan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # an output path the system refuses (a file in the way, no permission, too long)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"radiomicgan: error: {where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("radiomicgan: cancelled; no output written", file=sys.stderr)

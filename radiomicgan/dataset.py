@@ -80,6 +80,9 @@ def load_manifest(path: str | Path) -> Manifest:
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict) or "source" not in entry or "target" not in entry:
             raise DatasetError(f"{p}: pair {k} needs 'source' and 'target'")
+        for key in ("source", "target", "labels"):
+            if key in entry and entry[key] is not None and not (isinstance(entry[key], str) and entry[key]):
+                raise DatasetError(f"{p}: pair {k}: '{key}' must be a file name (a string), not {json.dumps(entry[key])}")
         pair = Pair(
             id=str(entry.get("id", f"pair{k:03d}")),
             source=(p.parent / entry["source"]),

@@ -1,23 +1,25 @@
 """The main job on the embedded default data (the phantom): no user data needed.
 
-simulate -> train -> harmonize -> compare: phantom scans reconstructed with a smooth (B30) and a sharp (B50)
-kernel; RadiomicGAN trained with Dynamic Window-based Training on two of them, with the closed-form filter and
-Choe et al.'s CNN as baselines; the held-out scan harmonized by each; PSNR/SSIM against its real sharp-kernel
-reconstruction; radiomic reproducibility (pyradiomics features on ROIs in the paper's HU ranges and on the whole
-body per slice, Lin's CCC) in an HTML report; pictures.
+simulate -> train -> harmonize -> compare: four phantom scans reconstructed with a smooth (B30) and a sharp
+(B50) kernel; RadiomicGAN trained with Dynamic Window-based Training on two of them, the third choosing the best
+checkpoint (validation), with the closed-form filter and Choe et al.'s CNN as baselines on the same data; the
+fourth scan, which no model saw, harmonized by each; PSNR/SSIM against its sharp-kernel reconstruction;
+radiomic reproducibility (pyradiomics features on ROIs inside the phantom's lung, soft tissue and bone labels
+and on the whole body per slice, Lin's CCC) in an HTML report; pictures.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 
-from .dataset import load_manifest, load_pair
+from .dataset import MANIFEST_FORMAT, load_manifest, load_pair
 from .errors import CTInputError
 from .io import move_into_place
 from .metrics import psnr, ssim
@@ -28,8 +30,8 @@ DISPLAY_WINDOW = (-800.0, 800.0)  # the paper's display window
 LUNG_WINDOW = (-1200.0, 200.0)
 
 
-def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs: int = 12, steps_per_epoch: int = 25,
-             crop: int = 64, roi_count: int = 8) -> dict:
+def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs: int = 12, steps_per_epoch: int = 25,
+             crop: int = 64, roi_count: int = 15, roi_mm: float = 3.5) -> dict:
     """Writes into ``out`` (replacing only an earlier demo's output) and returns the summary."""
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise CTInputError(f"{out}: exists and was not made by the demo; refusing to overwrite (use --out)")
@@ -38,14 +40,16 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
     tmp.mkdir()
     try:
         (tmp / DEMO_MARKER).write_text("made by `radiomicgan demo`; safe to delete\n")
-        print(f"[1/5] simulating 3 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
-        manifest_path = simulate_phantom_pairs(tmp / "data", 3, size=size, slices=slices, seed=seed)
-        held_out = load_manifest(manifest_path).pairs[-1]
+        print(f"[1/5] simulating 4 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
+        manifest_path = simulate_phantom_pairs(tmp / "data", 4, size=size, slices=slices, seed=seed)
+        manifest = load_manifest(manifest_path)
+        train_manifest = _training_manifest(manifest_path, 3)  # the last scan stays out of training and validation
+        held_out = manifest.pairs[-1]
         source, target = load_pair(held_out)
 
         print(f"[2/5] training RadiomicGAN (dwt schedule, {epochs} epochs x {steps_per_epoch} steps) and the baselines "
-              f"on 2 scans; {held_out.id} is held out")
-        models = _train_models(manifest_path, tmp / "models", epochs, steps_per_epoch, crop, seed)
+              f"on {manifest.pairs[0].id} and {manifest.pairs[1].id}, validating on {manifest.pairs[2].id}; {held_out.id} is the test scan")
+        models, seconds = _train_models(train_manifest, tmp / "models", epochs, steps_per_epoch, crop, seed)
 
         print(f"[3/5] harmonizing {held_out.id} with each model")
         from .harmonize import harmonize_hu
@@ -55,14 +59,17 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
         images = {"input (B30)": source.hu}
         for name, folder in models.items():
             images[name] = harmonize_hu(load_model(folder), source.hu, spacing)
-        rows = {name: {"psnr_db": psnr(target.hu, image), "ssim": ssim(target.hu, image)} for name, image in images.items()}
+        rows = {name: {"psnr_db": psnr(target.hu, image), "ssim": ssim(target.hu, image), "train_seconds": seconds.get(name, 0.0)}
+                for name, image in images.items()}
 
         print("[4/5] radiomic reproducibility against the B50 reconstruction (pyradiomics, Lin's CCC)")
+        from .io import read_volume
         from .report import write_report
         from .reproducibility import body_slice_rois, evaluate, sample_hu_rois
 
         candidates = {name: source.with_hu(image) for name, image in images.items()}
-        rois = sample_hu_rois(target, per_range=roi_count, size_mm=8.0, slices=min(3, slices), seed=seed)
+        labels = read_volume(held_out.labels, check_hu=False)
+        rois = sample_hu_rois(target, per_range=roi_count, size_mm=roi_mm, slices=min(2, slices), seed=seed, labels=labels)
         rois += body_slice_rois(target)
         evaluation = evaluate(target, candidates, rois, bootstrap=50, seed=seed, reference_name="reference (B50)")
         write_report(evaluation, tmp / "report", {"reference (B50)": target, **candidates})
@@ -73,8 +80,9 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
             "metrics_hu_range": [-1024, 3071],
             "results": rows,
             "reproducibility": evaluation.summary["groups"],
-            "radiomicgan": {"vgg_source": card["architecture"]["vgg_source"], "final_window": card.get("final_window"),
-                            "window_history": card.get("window_history")},
+            "radiomicgan": {"vgg_source": card["architecture"]["vgg_source"], "encoder": card["architecture"].get("encoder"),
+                            "window_scaling": card.get("window_scaling"), "best_epoch": card["training"].get("best_epoch"),
+                            "final_window": card.get("final_window"), "window_history": card.get("window_history")},
         }
 
         print("[5/5] plotting")
@@ -85,9 +93,9 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
         if tmp.exists():
             shutil.rmtree(tmp)
     print(f"\nHeld-out scan {held_out.id} against its B50 reconstruction (HU clipped to [-1024, 3071]):")
-    print(f"{'image':<22}{'PSNR (dB)':>10}{'SSIM':>8}")
+    print(f"{'image':<22}{'PSNR (dB)':>10}{'SSIM':>8}{'train (s)':>11}")
     for name, row in rows.items():
-        print(f"{name:<22}{row['psnr_db']:>10.2f}{row['ssim']:>8.4f}")
+        print(f"{name:<22}{row['psnr_db']:>10.2f}{row['ssim']:>8.4f}{row['train_seconds']:>11.0f}")
     from .report import format_counts
 
     print()
@@ -97,7 +105,15 @@ def run_demo(out: Path, size: int = 128, slices: int = 8, seed: int = 0, epochs:
     return summary
 
 
-def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoch: int, crop: int, seed: int) -> dict:
+def _training_manifest(manifest_path: Path, count: int) -> Path:
+    """A manifest of the first ``count`` pairs beside the full one: training data and, last, validation."""
+    data = json.loads(manifest_path.read_text())
+    path = manifest_path.with_name("train_manifest.json")
+    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "info": data.get("info", {}), "pairs": data["pairs"][:count]}, indent=2) + "\n")
+    return path
+
+
+def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoch: int, crop: int, seed: int) -> tuple[dict, dict]:
     from .models import VGGWeightsError, vgg19_features
     from .train import TrainConfig, train
 
@@ -111,11 +127,12 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
     common = dict(epochs=epochs, steps_per_epoch=steps_per_epoch, crop=crop, batch=4, seed=seed, val_slices=4)
     jobs = {
         "RadiomicGAN": TrainConfig(method="radiomicgan", schedule="dwt", th_eta=1, vgg_weights=vgg, **common),
-        "filter baseline": TrainConfig(method="filter", **common),
+        "filter baseline": TrainConfig(method="filter", schedule="none", **common),
         "Choe et al. CNN": TrainConfig(method="choe", schedule="none", **common),
     }
-    folders = {}
+    folders, seconds = {}, {}
     for name, config in jobs.items():
+        started = time.perf_counter()
         target = folder / config.method
         card = train(manifest_path, target, config, progress=sys.stderr.isatty(),
                      on_epoch=lambda r, name=name: print(
@@ -125,7 +142,8 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
             v = card["validation"]
             print(f"      {name}: fitted; validation PSNR {v['psnr_db']:.2f} dB (input {v['input_psnr_db']:.2f})")
         folders[name] = target
-    return folders
+        seconds[name] = time.perf_counter() - started
+    return folders, seconds
 
 
 def _plot_results(images: dict, target: np.ndarray, path: Path) -> None:

@@ -25,12 +25,30 @@ from typing import Callable
 import numpy as np
 
 from .errors import CTInputError, RadiomicGANError
-from .io import check_output_path, image_suffix, read_volume, write_map, write_volume
+from .io import (
+    check_own_dicom_folder,
+    check_output_path,
+    check_output_volume,
+    check_writable,
+    image_suffix,
+    read_volume,
+    write_map,
+    write_volume,
+)
 from .kernels import preset_for_tag
 from .modelio import LoadedModel, load_model, resolve_device
 from .volume import CTVolume
 
 CHUNK_SLICES = 64  # slices staged per host-to-device copy
+AIR_FLOOR_HU = -1024.0
+
+
+def carry_over_and_clamp(source: np.ndarray, harmonized: np.ndarray, hu_range) -> np.ndarray:
+    """Values outside the model's HU range (padding at -3024, metal) are carried over from the input unchanged,
+    and nothing is written below the air floor where the input was at or above it (filter ringing)."""
+    lo, hi = hu_range
+    out = np.where((source < lo) | (source > hi), source, harmonized)
+    return np.where(source >= AIR_FLOOR_HU, np.maximum(out, AIR_FLOOR_HU), out).astype(np.float32)
 
 
 class Cancelled(RadiomicGANError):
@@ -122,7 +140,9 @@ class Harmonizer:
         if stack.ndim != 3 or min(stack.shape) < 1:
             raise CTInputError(f"expected slices (N, rows, cols), got shape {hu.shape}")
         if self.model.baseline is not None:
-            out = np.rint(self.model.baseline.harmonize(stack.astype(np.float32, copy=False), spacing_xy)).astype(np.float32)
+            lo, hi = self.model.hu_range
+            out = self.model.baseline.harmonize(np.clip(stack, lo, hi), spacing_xy)
+            out = np.rint(carry_over_and_clamp(stack, out, (lo, hi))).astype(np.float32)
             if progress:
                 progress(len(stack), len(stack))
             return out[0] if squeeze else out
@@ -201,7 +221,8 @@ class Harmonizer:
         window, scale = self._window_and_scale()
         n = len(hu)
         x = to_unit(hu.clamp(*window), scale)[:, None]
-        x, (h, w) = pad_to_multiple(x, self.model.generator.divisor)
+        divisor = self.model.generator.divisor  # and at least a 2x2 bottleneck on tiny slices
+        x, (h, w) = pad_to_multiple(x, divisor, minimum=2 * divisor if divisor > 1 else 0)
         if self._fixed_batch and n < self.batch:  # the compiled graph has one batch shape: pad, never recompile
             x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
         x = x.contiguous(memory_format=self.memory_format)
@@ -209,7 +230,9 @@ class Harmonizer:
             y = self._network(x)
         predicted = from_unit(y[:n, 0, :h, :w].float(), scale)
         weight = carry_weight(hu, window)
-        return torch.round(weight * predicted + (1.0 - weight) * hu)
+        blended = weight * predicted + (1.0 - weight) * hu
+        # nothing below the air floor where the input was at or above it: the scanner's references stop there
+        return torch.round(torch.where(hu >= AIR_FLOOR_HU, blended.clamp_min(AIR_FLOOR_HU), blended))
 
     def _window_and_scale(self):
         """(HU window the model harmonizes, HU range that maps to [-1, 1]), from the model's card."""
@@ -446,9 +469,15 @@ def harmonize_file(
     if not image_suffix(output) and not (input_path.is_dir() or not image_suffix(input_path)):
         raise CTInputError(f"{output}: give the output a suffix like the input's ({image_suffix(input_path)}); "
                            "a folder output is a DICOM series")
+    for target in targets[:3]:  # format and path, before any work (the volume, the two Grad-CAM maps)
+        check_output_volume(target)
+    for target in targets[3:]:  # the windows JSON
+        check_writable(target)
     for target in targets:
         if target.exists() and not overwrite and not (target.is_dir() and not any(target.iterdir())):
             raise CTInputError(f"{target}: already exists; refusing to overwrite")
+        if target.is_dir() and overwrite:
+            check_own_dicom_folder(target)
     volume = read_volume(input_path, series_uid=series_uid)
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
     result = harmonize_volume(volume, harmonizer, gradcam=gradcam_output is not None, th_fail=th_fail,
@@ -487,6 +516,7 @@ def _staging_name(target: Path) -> Path:
 
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir():
+        check_own_dicom_folder(target)  # again: the folder may have changed during the run
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
         os.replace(tmp, target)

@@ -16,7 +16,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from . import __version__
 from .errors import CTInputError
 from .volume import CTMetadata, CTVolume, check_hu_plausible
 
@@ -39,6 +40,7 @@ META_KEYS = {
     "modality": "Modality",
     "series_description": "SeriesDescription",
 }
+WRITER_MARK = f"RadiomicGAN {__version__}"
 SPACING_TOLERANCE_MM = 0.05  # and 1 % of the spacing, whichever is larger
 
 
@@ -61,10 +63,11 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, check_hu
     p = Path(path)
     if not p.exists():
         raise CTInputError(f"{p}: does not exist")
+    pixel_type = "DICOM rescale tags"  # DICOM: RescaleSlope/Intercept are required, so values are HU
     if p.is_dir():
         volume = read_dicom_series(p, series_uid)
     elif image_suffix(p):
-        volume = _read_image_file(p)
+        volume, pixel_type = _read_image_file(p)
     else:
         ds = _try_dcmread(p)
         if ds is None:
@@ -73,11 +76,11 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, check_hu
             )
         volume = _volume_from_slices(str(p), [(p, ds)])
     if check_hu:
-        check_hu_plausible(volume.hu, volume.source)
+        check_hu_plausible(volume.hu, volume.source, pixel_type)
     return volume
 
 
-def _read_image_file(p: Path) -> CTVolume:
+def _read_image_file(p: Path) -> tuple[CTVolume, str]:
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -94,7 +97,7 @@ def _read_image_file(p: Path) -> CTVolume:
         meta.kernel = _kernel_from_description(image.GetMetaData("descrip"))
     if meta.modality and meta.modality.upper() != "CT":
         raise CTInputError(f"{p}: modality {meta.modality}, not CT")
-    return CTVolume.from_sitk(image, meta=meta, source=str(p))
+    return CTVolume.from_sitk(image, meta=meta, source=str(p)), image.GetPixelIDTypeAsString()
 
 
 def _kernel_from_description(text: str) -> str:
@@ -260,6 +263,8 @@ def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _slice_hu(path: Path, ds: Dataset) -> np.ndarray:
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+    if not getattr(transfer_syntax, "is_compressed", False) and "PixelData" in ds:
+        _check_pixel_data_length(path, ds)
     try:
         stored = ds.pixel_array
     except Exception as exc:
@@ -279,6 +284,18 @@ def _is_compressed(transfer_syntax) -> bool:
         return False
     except ValueError:
         return True
+
+
+def _check_pixel_data_length(path: Path, ds: Dataset) -> None:
+    """pydicom drops excess pixel bytes with a warning that names no file; the slice would come out sheared."""
+    try:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated) // 8
+    except (AttributeError, TypeError, ValueError):
+        return  # pixel_array reports missing geometry tags itself
+    found = len(ds.PixelData)
+    if found > expected + (expected % 2) + 1:
+        raise CTInputError(f"{path}: pixel data holds {found} bytes but Rows x Columns x BitsAllocated say {expected}; "
+                           "refusing a slice whose header does not match its pixels")
 
 
 def _slice_hu_with_gdcm(path: Path, transfer_syntax) -> np.ndarray:
@@ -324,6 +341,41 @@ def check_output_path(output: str | os.PathLike, inputs: Iterable[str | os.PathL
             raise CTInputError(f"{output}: output is inside the input folder {src} (or holds it); choose another output")
 
 
+def check_output_volume(output: str | os.PathLike) -> None:
+    """Before any work: the output format can be written in one piece and the path can be created."""
+    _check_output_format(Path(output))
+    check_writable(output)
+
+
+def _check_output_format(p: Path) -> None:
+    suffix = image_suffix(p)
+    if suffix and not IMAGE_SUFFIXES[suffix]:
+        raise CTInputError(f"{p}: {suffix} writes two files; use .nrrd, .nii, .nii.gz or .mha")
+    if not suffix and p.suffix.lower() not in ("", ".dcm", ".dicom") and not p.is_dir():
+        raise CTInputError(f"{p}: unknown output format {p.suffix}; use .nrrd, .nii, .nii.gz, .mha or a folder for DICOM")
+
+
+def check_writable(output: str | os.PathLike) -> None:
+    """An output path that can be created: no regular file on the way, a writable folder, names the file
+    system accepts (each a one-line error naming the output, before any work is done)."""
+    p = Path(output).absolute()
+    ancestor = p
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor != p and not ancestor.is_dir():
+        raise CTInputError(f"{output}: cannot be created: {ancestor} is a file, not a folder")
+    try:
+        name_max = os.pathconf(ancestor if ancestor.is_dir() else ancestor.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for part in p.relative_to(ancestor).parts if ancestor != p else (p.name,):
+        if len(os.fsencode(part)) > name_max - 32:  # room for the hidden staging name's prefix and suffix
+            raise CTInputError(f"{output}: name '{part[:40]}...' is too long ({len(part)} characters; at most {name_max - 32})")
+    folder = ancestor if ancestor != p else p.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise CTInputError(f"{output}: cannot be written: folder {folder} is not writable")
+
+
 def write_volume(
     volume: CTVolume,
     path: str | os.PathLike,
@@ -339,10 +391,9 @@ def write_volume(
     """
     p = Path(path)
     suffix = image_suffix(p)
-    if suffix and not IMAGE_SUFFIXES[suffix]:
-        raise CTInputError(f"{p}: {suffix} writes two files; use .nrrd, .nii, .nii.gz or .mha")
-    if not suffix and p.suffix.lower() not in ("", ".dcm", ".dicom") and not p.is_dir():
-        raise CTInputError(f"{p}: unknown output format {p.suffix}; use .nrrd, .nii, .nii.gz, .mha or a folder for DICOM")
+    _check_output_format(p)
+    if not suffix and overwrite and p.is_dir():
+        check_own_dicom_folder(p)
     if p.exists() and not overwrite and not (p.is_dir() and not any(p.iterdir())):
         raise CTInputError(f"{p}: already exists; refusing to overwrite (choose another output or allow overwrite)")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -356,10 +407,7 @@ def hu_to_int16(hu: np.ndarray) -> np.ndarray:
 
 
 def _write_image_file(volume: CTVolume, p: Path, suffix: str, description: str | None, derivation: str | None) -> Path:
-    image = sitk.GetImageFromArray(hu_to_int16(volume.hu))
-    image.SetSpacing(volume.spacing)
-    image.SetOrigin(volume.origin)
-    image.SetDirection(volume.direction)
+    image = volume.sitk_like(hu_to_int16(volume.hu))
     meta = volume.meta
     if description:
         meta = CTMetadata(**{**meta.as_dict(), "series_description": description})
@@ -396,10 +444,7 @@ def write_map(values: np.ndarray, like: CTVolume, path: str | os.PathLike, dtype
         raise CTInputError(f"{p}: maps are written as .nrrd, .nii, .nii.gz or .mha")
     if np.shape(values) != like.shape:
         raise ValueError(f"map shape {np.shape(values)} differs from the volume's {like.shape}")
-    image = sitk.GetImageFromArray(np.asarray(values, dtype=dtype))
-    image.SetSpacing(like.spacing)
-    image.SetOrigin(like.origin)
-    image.SetDirection(like.direction)
+    image = like.sitk_like(np.asarray(values, dtype=dtype))
     return _atomic_sitk_write(image, p, suffix)
 
 
@@ -446,6 +491,7 @@ def write_dicom_series(
     base.SeriesNumber = int(base.get("SeriesNumber", 0) or 0) + 1000
     base.SeriesDescription = (description or volume.meta.series_description or "RadiomicGAN")[:64]
     base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    base.SoftwareVersions = WRITER_MARK  # how --overwrite recognises a series this tool wrote
     if derivation:
         base.DerivationDescription = derivation[:1024]
     if volume.meta.kernel:
@@ -484,7 +530,7 @@ def write_dicom_series(
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.preamble = b"\0" * 128
             save_dicom(ds, tmp / f"IM{k + 1:05d}.dcm")
-        move_into_place(tmp, folder, overwrite)
+        move_into_place(tmp, folder, overwrite, owned=written_by_radiomicgan)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -506,11 +552,38 @@ def save_dicom(ds: Dataset, path: Path) -> None:
     ds.save_as(path, write_like_original=False)
 
 
-def move_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Swap a completed temporary folder in for the target, so readers never see a half-written one."""
+def written_by_radiomicgan(path: Path) -> bool:
+    """A DICOM file of a derived series this tool wrote (SoftwareVersions or DerivationDescription say so)."""
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # not DICOM, unreadable: not ours
+        return False
+    marks = (str(ds.get("SoftwareVersions", "")), str(ds.get("DerivationDescription", "")))
+    image_type = ds.get("ImageType") or [""]
+    return str(image_type[0]).upper() == "DERIVED" and any(m.startswith("RadiomicGAN") for m in marks)
+
+
+def check_owned(folder: Path, owned: Callable[[Path], bool]) -> None:
+    """--overwrite replaces only what this tool wrote: refuse a folder that holds anything else."""
+    for entry in sorted(folder.iterdir()):
+        if not (entry.is_file() and not entry.is_symlink() and owned(entry)):
+            raise CTInputError(f"{folder}: holds {entry.name}, which this tool did not write; refusing to replace the "
+                               "folder (move that file or choose another output)")
+
+
+def check_own_dicom_folder(folder: Path) -> None:
+    check_owned(folder, written_by_radiomicgan)
+
+
+def move_into_place(tmp: Path, target: Path, overwrite: bool, owned: Callable[[Path], bool] | None = None) -> None:
+    """Swap a completed temporary folder in for the target, so readers never see a half-written one.
+
+    ``owned`` tells the files this tool wrote; with it, a target holding anything else is refused."""
     if target.exists():
         if any(target.iterdir()) and not overwrite:
             raise CTInputError(f"{target}: already exists; refusing to overwrite")
+        if owned is not None and target.is_dir():
+            check_owned(target, owned)
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
         os.replace(tmp, target)

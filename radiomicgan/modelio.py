@@ -10,8 +10,10 @@ resume), ``train_log.jsonl``, the window history and Grad-CAM samples. Harmonizi
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise RadiomicGANError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RadiomicGANError(f"device {name} requested but CUDA is not available here; use --device cpu")
     return name
@@ -159,8 +163,15 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         card = json.loads(card_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{card_path}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (a JSON {type(card).__name__}, not an object)")
     if card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
         raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (format {card.get('format')!r}, method {card.get('method')!r})")
+    hu_range = card.get("hu_range", STANDARD_RANGE)
+    if not (isinstance(hu_range, list | tuple) and len(hu_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
+            and hu_range[0] < hu_range[1]):
+        raise ModelError(f"{card_path}: hu_range must be two numbers [LO, HI] with LO < HI, not {json.dumps(hu_range)}")
     if not (folder / WEIGHTS_NAME).is_file():
         raise ModelError(f"{folder}: no {WEIGHTS_NAME}")
     state = safe_load(folder / WEIGHTS_NAME)

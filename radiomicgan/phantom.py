@@ -15,7 +15,7 @@ from scipy import ndimage
 
 # Label values of the phantom's tissue map (useful as ROIs).
 LABELS = {
-    "air": 0, "soft_tissue": 1, "fat": 2, "lung": 3, "vessel": 4, "nodule": 5, "heart": 6, "bone": 7, "airway": 8,
+    "air": 0, "soft_tissue": 1, "fat": 2, "lung": 3, "vessel": 4, "nodule": 5, "heart": 6, "bone": 7, "airway": 8, "table": 9,
 }
 STANDARD_FOV_MM = 360.0  # the standard chest fits this field of view
 CHEST_LENGTH_MM = 300.0
@@ -64,6 +64,20 @@ def make_chest_phantom(
 
     def ellipse(cx, cy, ax, ay):
         return ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
+
+    # Patient table under the back, wider than the field of view and a little off-centre, as on real scans:
+    # carbon-fibre shells around a foam core (HU read off the real chest slice). Its shells meet the air floor
+    # and cross the image border at different heights left and right, where the image wraps for any FFT filter.
+    below = y - (124.0 + 0.03 * x - 0.0002 * x**2)
+    rows = np.nonzero((below >= 0.0).any(axis=(0, 2)))[0]
+    if rows.size:  # worked out on the rows under the back only
+        band = (slice(None), slice(rows[0], None), slice(None))
+        b, foam = below[band], -928.0 + 8.0 * coarse[band]
+        for mask, value in (((b >= 0.0) & (b < 2.5), 180.0), ((b >= 2.5) & (b < 30.0), foam),
+                            ((b >= 30.0) & (b < 32.5), 220.0), ((np.abs(x) < 120.0) & (b >= 32.5), foam)):
+            mask = np.broadcast_to(mask, foam.shape)
+            hu[band][mask] = value if np.isscalar(value) else value[mask]
+            labels[band][mask] = LABELS["table"]
 
     # Body: skin and subcutaneous fat, muscle wall, mediastinal soft tissue; slightly wider lower down.
     widen = 1.0 + 0.08 * np.clip((z - 100.0) / 200.0, 0, 1)

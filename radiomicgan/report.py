@@ -19,6 +19,7 @@ from .reproducibility import Evaluation, feature_kind
 from .volume import CTVolume
 
 DISPLAY_WINDOW = (-800.0, 800.0)
+REPORT_FILES = ("features.csv", "ccc.csv", "summary.json", "report.html")
 
 
 def write_report(evaluation: Evaluation, out: Path, volumes: dict[str, CTVolume], overwrite: bool = False) -> Path:
@@ -36,7 +37,7 @@ def write_report(evaluation: Evaluation, out: Path, volumes: dict[str, CTVolume]
         (tmp / "report.html").write_text(_html(evaluation, volumes))
         from .io import move_into_place
 
-        move_into_place(tmp, out, overwrite=True)
+        move_into_place(tmp, out, overwrite=True, owned=lambda f: f.name in REPORT_FILES)  # never a user's file
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -135,12 +135,16 @@ def rois_from_labels(labels: CTVolume, like: CTVolume, group: str = "labels") ->
 def rois_from_boxes(boxes: list[dict], like: CTVolume) -> list[ROI]:
     """Boxes in physical (LPS, mm) coordinates: {"name": ..., "min": [x, y, z], "max": [x, y, z]}."""
     inverse = np.linalg.inv(like.direction_matrix * np.asarray(like.spacing)[None, :])
+    if not isinstance(boxes, list):
+        raise EvaluationError(f"boxes: expected a JSON list of boxes, got a {type(boxes).__name__}")
     rois = []
     for k, box in enumerate(boxes):
         try:
             corners = [np.asarray(box["min"], float), np.asarray(box["max"], float)]
         except (KeyError, TypeError, ValueError):
             raise EvaluationError(f"box {k}: needs 'min' and 'max' as [x, y, z] in mm") from None
+        if any(c.shape != (3,) or not np.all(np.isfinite(c)) for c in corners):
+            raise EvaluationError(f"box {k}: 'min' and 'max' must each be a list of three numbers [x, y, z] in mm")
         index = [inverse @ (c - np.asarray(like.origin)) for c in corners]  # (i, j, k) = (x, y, z) indices
         lo = np.floor(np.minimum(*index) + 0.5).astype(int)
         hi = np.floor(np.maximum(*index) + 0.5).astype(int) + 1
@@ -287,6 +291,23 @@ def body_slice_rois(reference: CTVolume) -> list[ROI]:
 _WORKER: dict = {}
 
 
+def check_params(params: str | os.PathLike | None) -> str:
+    """The pyradiomics parameter file exists, is YAML and names only known image types and settings (checked
+    once here, before any work, so a bad file is one line naming it instead of a traceback from a worker)."""
+    from radiomics import featureextractor
+
+    params = str(params or DEFAULT_PARAMS)
+    if not Path(params).is_file():
+        raise EvaluationError(f"{params}: pyradiomics parameter file not found")
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    try:
+        featureextractor.RadiomicsFeatureExtractor(params)
+    except Exception as exc:  # ruamel YAML errors, pykwalify schema errors, ValueError for an unknown image type
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise EvaluationError(f"{params}: not a usable pyradiomics parameter file ({reason})") from None
+    return params
+
+
 def _init_worker(volumes: dict, params: str) -> None:
     from radiomics import featureextractor
 
@@ -333,9 +354,7 @@ def _extract(task: tuple[str, int, ROI]) -> tuple[str, int, dict]:
 def extract_features(volumes: dict[str, CTVolume], rois: list[ROI], params: str | os.PathLike | None = None,
                      workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """{image name: [features dict per ROI]} for every volume, in ``workers`` processes (default: one per core)."""
-    params = str(params or DEFAULT_PARAMS)
-    if not Path(params).is_file():
-        raise EvaluationError(f"{params}: pyradiomics parameter file not found")
+    params = check_params(params)
     packed = {name: (v.hu, v.spacing, v.origin, v.direction) for name, v in volumes.items()}
     tasks = [(name, k, roi) for name in volumes for k, roi in enumerate(rois)]
     out = {name: [None] * len(rois) for name in volumes}
@@ -398,6 +417,8 @@ def evaluate(reference: CTVolume, candidates: dict[str, CTVolume], rois: list[RO
 
     if not candidates:
         raise EvaluationError("no candidate to compare with the reference")
+    if reference_name in candidates:
+        raise EvaluationError(f"candidate '{reference_name}': named like the reference; give it another name")
     for name, volume in candidates.items():
         if not volume.same_geometry(reference):
             raise EvaluationError(f"candidate '{name}' ({volume.source}): geometry differs from the reference "

@@ -3,6 +3,7 @@ re-kernelled copies of a user's own scans."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 import warnings
@@ -14,7 +15,7 @@ import numpy as np
 from . import __version__
 from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
-from .io import move_into_place, write_map, write_volume
+from .io import check_owned, move_into_place, write_map, write_volume
 from .kernels import KernelPreset, get_preset, preset_for_tag, rekernel, simulate_kernels
 from .phantom import make_chest_phantom
 from .volume import CTMetadata, CTVolume
@@ -57,6 +58,11 @@ def phantom_pair(
     return volume(source_hu, source_preset), volume(target_hu, target_preset), phantom.labels
 
 
+def _phantom_file(path: Path) -> bool:
+    """A file ``simulate_phantom_pairs`` writes: the manifest, or a case's volume or label map."""
+    return re.fullmatch(r"manifest\.json|case\d+_[\w.-]+\.(nrrd|nii|nii\.gz|mha)", path.name) is not None
+
+
 def simulate_phantom_pairs(
     out_dir: str | Path,
     cases: int = 1,
@@ -80,6 +86,8 @@ def simulate_phantom_pairs(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
+    if out.is_dir():
+        check_owned(out, _phantom_file)
     source_preset, target_preset = get_preset(source_kernel), get_preset(target_kernel)
     if source_preset == target_preset:
         raise CTInputError(f"source and target kernel are both {source_preset.name}; a pair needs two kernels")
@@ -107,7 +115,7 @@ def simulate_phantom_pairs(
             "noise_scale": noise_scale, "source_kernel": source_preset.description, "target_kernel": target_preset.description,
         }
         write_manifest(tmp, entries, info)
-        move_into_place(tmp, out, overwrite=True)
+        move_into_place(tmp, out, overwrite=True, owned=_phantom_file)  # never a user's file
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -137,3 +145,90 @@ def rekernel_volume(
         kernel=simulated_kernel_tag(target),
         series_description=f"{volume.meta.series_description or 'CT'} as {target.name} (simulated)"[:64],
     )
+
+
+def find_scans(folder: str | Path) -> list[tuple[str, Callable[[], CTVolume]]]:
+    """Every volume a folder holds: image files (NRRD, NIfTI, MetaImage) and DICOM series, at any depth, as
+    (name, loader) in a stable order."""
+    from .io import _volume_from_slices, image_suffix, read_volume, scan_dicom_folder
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise CTInputError(f"{root}: not a folder of scans")
+    found: list[tuple[str, Callable[[], CTVolume]]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if image_suffix(path) and not path.name.endswith((".raw", ".zraw")):
+            found.append((str(path.relative_to(root)), lambda p=path: read_volume(p)))
+    for uid, files in scan_dicom_folder(root).items():
+        where = files[0][0].parent.relative_to(root)
+        found.append((f"{where}/series {uid[-12:] or 'unnamed'}", lambda f=files: _volume_from_slices(str(root), f)))
+    return found
+
+
+def rekernel_folder_pairs(
+    folder: str | Path,
+    out_dir: str | Path,
+    kernel: str,
+    scan_kernel: str | None = None,
+    *,
+    seed: int = 0,
+    noise_scale: float = 1.0,
+    suffix: str = ".nrrd",
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Path, int]:
+    """Paired data without paired scans: each scan of ``folder`` re-kernelled to ``kernel`` (the pair's source)
+    beside a copy of the scan itself (the pair's target), and a manifest. A site with only sharp-kernel scans
+    can so train a smooth-to-sharp harmonizer. Scans that cannot be read as CT are skipped with a warning.
+    Returns (manifest path, number of pairs); the folder appears complete or not at all."""
+    from .io import check_output_path
+
+    out = Path(out_dir)
+    check_output_path(out, [folder])
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
+    source_preset = get_preset(kernel)
+    scans = find_scans(folder)
+    if not scans:
+        raise CTInputError(f"{folder}: no image files or DICOM series found")
+    seeds = np.random.SeedSequence(seed).generate_state(len(scans))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        entries = []
+        for k, (name, load) in enumerate(scans):
+            try:
+                volume = load()
+            except CTInputError as error:
+                warnings.warn(f"skipped {name}: {error}")
+                continue
+            scan_preset = get_preset(scan_kernel) if scan_kernel else preset_for_tag(volume.meta.kernel)
+            if scan_preset is None:
+                raise CTInputError(
+                    f"{name}: kernel tag '{volume.meta.kernel or 'missing'}' matches no preset; name it (--source-kernel)"
+                )
+            if scan_preset == source_preset:
+                raise CTInputError(f"{name}: already a {scan_preset.name} scan; simulate another kernel than the scans'")
+            simulated = rekernel_volume(volume, source_preset.name, scan_preset.name, seed=int(seeds[k]), noise_scale=noise_scale)
+            case = f"scan{len(entries):03d}"
+            names = [f"{case}_{source_preset.name}-sim{suffix}", f"{case}_{scan_preset.name}{suffix}"]
+            write_volume(simulated, tmp / names[0])
+            write_volume(volume, tmp / names[1])
+            entries.append(manifest_entry(case, names[0], names[1], source_preset.name, scan_preset.name))
+            entries[-1]["scan"] = name
+            if progress:
+                progress(k + 1, len(scans))
+        if not entries:
+            raise CTInputError(f"{folder}: none of its {len(scans)} volume(s) could be read as CT")
+        info = {
+            "generator": f"radiomicgan {__version__} re-kernelled scans",
+            "source_kernel": f"{source_preset.description}, simulated from each scan",
+            "target_kernel": "the scans as reconstructed", "seed": seed, "noise_scale": noise_scale,
+        }
+        write_manifest(tmp, entries, info)
+        move_into_place(tmp, out, overwrite=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out / "manifest.json", len(entries)

@@ -46,6 +46,7 @@ from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_windo
 
 LOG_NAME = "train_log.jsonl"
 CANCEL_NAME = "CANCEL"
+MIN_GAN_CROP = 32  # below it the U-Net bottleneck (1/8) or the PatchGAN's last layers shrink to 1x1 (instance norm fails)
 WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
 
 
@@ -97,6 +98,9 @@ class TrainConfig:
             raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
         if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
             raise TrainingError(f"crop {self.crop} must be a multiple of 8 (three poolings in the U-Net)")
+        if self.method in ("radiomicgan", "pix2pix") and self.crop < MIN_GAN_CROP:
+            raise TrainingError(f"crop {self.crop}: {self.method} needs at least {MIN_GAN_CROP}x{MIN_GAN_CROP} pixels (smaller, "
+                                f"its bottleneck and discriminator shrink to 1x1); use --crop {MIN_GAN_CROP} or more")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -258,7 +262,10 @@ def train(
     try:
         if config.method in ("filter", "histmatch"):
             return _fit_closed_form(manifest, out, config, resume)
-        return _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
+        card = _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
+        if created and card.get("training", {}).get("status") == "cancelled" and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # cancelled before a first epoch, in a folder this run made: leave nothing
+        return card
     except BaseException:
         if created and out.is_dir() and not (out / CARD_NAME).exists():  # failed before any model existed
             import shutil
@@ -334,6 +341,10 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             _prepare_output(out, resume, config)
         train_set, val, val_label = _split(manifest, config.val_slices)
         sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
+            if min(source.shape[1:]) < MIN_GAN_CROP:
+                raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
+                                    f"at least {MIN_GAN_CROP}x{MIN_GAN_CROP} (smaller, its discriminator shrinks to 1x1)")
         spacing = sampler.volumes[0][0].spacing[:2]
         torch.manual_seed(config.seed)
 
@@ -478,6 +489,8 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                 _plots(out, card, generator, discriminator, val, config, device)
             elif status == "cancelled":
                 _remove_empty_run(out)
+            if status == "cancelled" and cancel.flag_file is not None and cancel.flag_file.is_file():
+                cancel.flag_file.unlink()  # the flag is consumed, so that --resume does not stop at once
         return card
     finally:
         dist.close()
@@ -581,12 +594,10 @@ def _restore_best(out: Path, generator, discriminator) -> None:
 
 
 def _remove_empty_run(out: Path) -> None:
-    """A run cancelled before its first epoch completed leaves nothing behind but its own log."""
-    for name in (LOG_NAME, CANCEL_NAME):
-        if (out / name).exists():
-            (out / name).unlink()
-    with contextlib.suppress(OSError):
-        out.rmdir()
+    """A run cancelled before its first epoch completed removes its own log; the folder itself goes only if this
+    run made it (``train``), so a folder the user made stays."""
+    if (out / LOG_NAME).exists():
+        (out / LOG_NAME).unlink()
 
 
 def _plots(out: Path, card: dict, generator, discriminator, val, config, device) -> None:

@@ -50,6 +50,8 @@ class CTVolume:
     source: str = ""  # where it was read from, for messages
     # First slice's DICOM header (no pixels) when read from DICOM: a derived series keeps its identity.
     dicom_template: Any = None
+    # 2 for a single-slice 2D image file: written back as 2D (dimension, size, spacing, direction kept).
+    image_dimension: int = 3
 
     def __post_init__(self) -> None:
         hu = np.asarray(self.hu)
@@ -92,11 +94,27 @@ class CTVolume:
         image.SetDirection(self.direction)
         return image
 
+    def sitk_like(self, values: np.ndarray) -> sitk.Image:
+        """An image of ``values`` on this volume's grid; a 2D input stays 2D."""
+        if self.image_dimension == 2 and np.shape(values)[0] == 1:
+            image = sitk.GetImageFromArray(np.asarray(values)[0])
+            image.SetSpacing(self.spacing[:2])
+            image.SetOrigin(self.origin[:2])
+            d = self.direction_matrix
+            image.SetDirection(tuple(d[:2, :2].ravel()))
+            return image
+        image = sitk.GetImageFromArray(values)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
     @classmethod
     def from_sitk(cls, image: sitk.Image, meta: CTMetadata | None = None, source: str = "") -> "CTVolume":
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise CTInputError(f"{source}: has {image.GetNumberOfComponentsPerPixel()} components per pixel; CT is single-channel")
-        if image.GetDimension() == 2:
+        dimension = image.GetDimension()
+        if dimension == 2:
             image = sitk.JoinSeries(image)
         if image.GetDimension() != 3:
             raise CTInputError(f"{source}: {image.GetDimension()}D image; expected a 2D slice or a 3D volume")
@@ -107,15 +125,20 @@ class CTVolume:
             direction=image.GetDirection(),
             meta=meta or CTMetadata(),
             source=source,
+            image_dimension=dimension,
         )
 
 
-def check_hu_plausible(hu: np.ndarray, source: str) -> None:
+def check_hu_plausible(hu: np.ndarray, source: str, pixel_type: str = "") -> None:
     """Refuse data that are not Hounsfield units, because every later step (windows, kernels) assumes HU.
 
-    Typical failures: raw stored values whose rescale intercept was lost (nothing below 0), images
-    normalised to [0, 1] or [-1, 1], NaNs from a broken conversion.
+    Decided from the stored pixel type (``pixel_type``: SimpleITK's name, or "DICOM rescale tags") and the
+    range together. Typical failures: 8-bit exports (0..255 cannot hold air at -1000 HU), images normalised to
+    [0, 1] or [-1, 1], raw stored values whose rescale intercept was lost (nothing below 0), NaNs. A narrow
+    span in a type that holds HU (a cropped organ) is accepted, with a warning saying so.
     """
+    import warnings
+
     if hu.size == 0:
         raise CTInputError(f"{source}: image has no voxels")
     lo, hi = float(np.min(hu)), float(np.max(hu))
@@ -123,13 +146,21 @@ def check_hu_plausible(hu: np.ndarray, source: str) -> None:
         raise CTInputError(f"{source}: contains NaN or infinite values, not Hounsfield units")
     if lo < HU_MIN_PLAUSIBLE or hi > HU_MAX_PLAUSIBLE:
         raise CTInputError(f"{source}: values span [{lo:g}, {hi:g}], outside any plausible HU range")
-    if hi - lo < 100:
-        raise CTInputError(f"{source}: values span only [{lo:g}, {hi:g}]; looks normalised, not Hounsfield units")
+    kind = pixel_type.lower()
+    if "8-bit" in kind:
+        raise CTInputError(f"{source}: {pixel_type} pixels (range [{lo:g}, {hi:g}]): 8 bits cannot hold Hounsfield units; "
+                           "looks like a windowed or display export")
+    if "float" in kind and lo >= -1.0 and hi <= 1.0:
+        raise CTInputError(f"{source}: {pixel_type} values span only [{lo:g}, {hi:g}]; looks normalised, not Hounsfield units")
     if lo >= 0 and hi > 1000:
         raise CTInputError(
             f"{source}: no value below 0 (range [{lo:g}, {hi:g}]); looks like raw stored values without "
             "the rescale intercept, not Hounsfield units"
         )
+    if hi - lo < 100:
+        if not kind:
+            raise CTInputError(f"{source}: values span only [{lo:g}, {hi:g}]; looks normalised, not Hounsfield units")
+        warnings.warn(f"{source}: values span only [{lo:g}, {hi:g}]; assumed Hounsfield units ({pixel_type})")
 
 
 def require_volume(volume: CTVolume, min_slices: int = 2) -> None:

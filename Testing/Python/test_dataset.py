@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 from helpers import ramp_volume, write_ct_series
 
 from radiomicgan.cli import main
@@ -170,6 +171,41 @@ def test_simulate_command_unknown_source_kernel(tmp_path, capsys):
     assert read_volume(tmp_path / "o.nrrd").meta.kernel == "B50-sim"
 
 
+def test_simulate_command_pairs_from_a_folder_of_scans(tmp_path, capsys):
+    """Paired data without paired scans: every scan of a folder (a DICOM series and an NRRD file, in
+    subfolders) becomes (simulated smooth kernel, the scan itself); unreadable files are skipped."""
+    from radiomicgan.kernels import PRESETS, simulate_kernels
+    from radiomicgan.phantom import make_chest_phantom
+    from radiomicgan.volume import CTMetadata, CTVolume
+
+    scans = tmp_path / "scans"
+    (sharp,) = simulate_kernels(make_chest_phantom(64, 2, seed=4).hu, (0.7, 0.7), [PRESETS["B50"]], seed=1)
+    write_ct_series(scans / "patient1", sharp, kernel="B50f", spacing_xy=(0.7, 0.7))
+    write_volume(CTVolume(hu=sharp[::-1].copy(), spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="B50f")), scans / "b" / "ct.nrrd")
+    (scans / "notes.txt").write_text("not a scan")
+    before = read_volume(scans / "b" / "ct.nrrd").hu.copy()
+    assert main(["simulate", "--from", str(scans), "--kernel", "B30", "--pairs", str(tmp_path / "pairs")]) == 0
+    assert "wrote 2 pair(s)" in capsys.readouterr().out
+    manifest = load_manifest(tmp_path / "pairs")
+    assert manifest.kernels == ("B30", "B50") and len(manifest.pairs) == 2
+    for pair in manifest.pairs:
+        source, target = read_volume(pair.source), read_volume(pair.target)
+        assert source.shape == target.shape and source.spacing == target.spacing
+        assert source.meta.kernel == "B30-sim"
+        smooth = lambda a: ndimage.uniform_filter(a, (1, 9, 9))  # noqa: E731
+        detail = lambda a: np.std(a - smooth(a))  # noqa: E731
+        assert detail(source.hu) < 0.85 * detail(target.hu)  # smoother than the scan it came from (measured 0.74)
+        assert np.abs(smooth(source.hu) - smooth(target.hu)).mean() < 15.0  # the same anatomy
+    np.testing.assert_array_equal(read_volume(scans / "b" / "ct.nrrd").hu, before)  # inputs untouched
+    # problems end with one line and status 2: output inside the input folder, no kernel, a kernel the scans have
+    assert main(["simulate", "--from", str(scans), "--kernel", "B30", "--pairs", str(scans / "p")]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["simulate", "--from", str(scans), "--pairs", str(tmp_path / "q")]) == 2
+    assert main(["simulate", "--from", str(scans), "--kernel", "B50", "--pairs", str(tmp_path / "r")]) == 2
+    assert "already a B50 scan" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial-*"))
+
+
 def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["simulate", "--out", str(tmp_path / "p"), "--size", "4"])
@@ -190,7 +226,7 @@ def test_demo_runs_end_to_end_and_refuses_foreign_folder(tmp_path, capsys):
     assert (out / "models" / "radiomicgan" / "windows.png").is_file()
     assert (out / "report" / "report.html").is_file() and summary["reproducibility"]
     printed = capsys.readouterr().out
-    assert "Held-out scan case002" in printed and "randomly initialised encoder" in printed
+    assert "Held-out scan case003" in printed and "randomly initialised encoder" in printed
     assert main(["demo", "--out", str(out), *tiny]) == 0  # reruns over its own output
     foreign = tmp_path / "mine"
     foreign.mkdir()

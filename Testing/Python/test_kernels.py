@@ -35,23 +35,53 @@ def test_transfer_measured_on_simulated_output_matches_preset(phantom, name):
     preset = PRESETS[name]
     (out,) = simulate_kernels(phantom.hu, SPACING, [preset], noise_scale=0.0, hu_range=None)
     f, ratio, _ = measure_transfer(phantom.hu, out, SPACING, EDGES)
-    np.testing.assert_allclose(ratio, preset.transfer(f), rtol=0.03, atol=2e-3)
+    # rtol 4 %: the kernel acts on the object beyond the field of view (the table crosses the border)
+    np.testing.assert_allclose(ratio, preset.transfer(f), rtol=0.04, atol=2e-3)
 
 
 def test_two_kernels_share_noise_realisation():
+    """Kernels of one scan share the quantum noise and each adds its own part, so their coherence per ring is
+    what the presets' shared and independent spectra predict; another seed is unrelated."""
     flat = np.zeros((6, 128, 128), np.float32)
-    smooth, sharp = simulate_kernels(flat, SPACING, [PRESETS["B30"], PRESETS["B50"]], seed=7, hu_range=None)
-    f, _, coherence = measure_transfer(smooth, sharp, SPACING, EDGES)
-    assert np.all(coherence[1:] > 0.98)  # one realisation, filtered two ways
-    (other_seed,) = simulate_kernels(flat, SPACING, [PRESETS["B50"]], seed=8, hu_range=None)
+    b30, b50 = PRESETS["B30"], PRESETS["B50"]
+    smooth, sharp = simulate_kernels(flat, SPACING, [b30, b50], seed=7, hu_range=None, depth_gain=0.0)
+    f, _, coherence = measure_transfer(smooth, sharp, SPACING, EDGES, taper=False)
+    predicted = np.sqrt(b30.shared_nps(f) * b50.shared_nps(f) / (b30.nps(f) * b50.nps(f)))
+    np.testing.assert_allclose(coherence[1:], predicted[1:], atol=0.07)  # ring centres stand for whole rings
+    assert np.all(coherence[1:] < 0.96) and np.all(coherence[1:] > 0.4)  # the old simulator: above 0.98
+    (other_seed,) = simulate_kernels(flat, SPACING, [b50], seed=8, hu_range=None)
     _, _, unrelated = measure_transfer(smooth, other_seed, SPACING, EDGES)
     assert np.all(np.abs(unrelated[1:]) < 0.2)
-    # the sharp noise is exactly the smooth noise through the kernel ratio
-    f2 = np.hypot(np.fft.fftfreq(128, 0.7)[:, None], np.fft.rfftfreq(128, 0.7)[None, :])
-    gain = np.sqrt(PRESETS["B50"].nps(f2) / np.maximum(PRESETS["B30"].nps(f2), 1e-30))
-    predicted = np.fft.irfft2(np.fft.rfft2(smooth) * np.where(f2 < 0.5, gain, 0), s=(128, 128))
-    low_sharp = np.fft.irfft2(np.fft.rfft2(sharp) * (f2 < 0.5), s=(128, 128))
-    assert np.abs(predicted - low_sharp).max() < 0.05 * sharp.std()
+
+
+def test_simulated_pair_is_not_an_invertible_filter():
+    """The benchmark regression of issue 9: the project's fitted filter, learnt on one simulated noise pair
+    and applied to another, must leave a real pair's share of the sharp kernel unexplained (the old
+    simulator's kernels were exact filters of one noise field: nothing was left)."""
+    from radiomicgan.baselines import FilterHarmonizer
+
+    flat = np.zeros((4, 128, 128), np.float32)
+    kernels = [PRESETS["B30"], PRESETS["B50"]]
+    fit = simulate_kernels(flat, SPACING, kernels, seed=1, hu_range=None)
+    test = simulate_kernels(flat, SPACING, kernels, seed=2, hu_range=None)
+    model = FilterHarmonizer.fit([(fit[0], fit[1], SPACING)], 0.5 / 0.7)
+    unexplained = np.mean((model.harmonize(test[0], SPACING) - test[1]) ** 2) / np.mean(test[1] ** 2)
+    assert unexplained > 0.15  # measured 0.26; the old simulator: 0.01 or less
+
+
+def test_phantom_pairs_behave_like_real_ones():
+    """Coherence falls at high frequency as on real pairs (BRIEF section 9: 0.71 at 0.70-0.75 cycles/mm,
+    the old simulator 0.993), and the fitted filter gains far less than the old simulator's 17.5 dB."""
+    from radiomicgan.calibration import band_coherence, filter_gain
+    from radiomicgan.simulate import phantom_pair
+
+    first, second = phantom_pair(256, 2, seed=1), phantom_pair(256, 2, seed=2)
+    tiles, coherence, amplitude = band_coherence(first[0].hu, first[1].hu, 0.7)
+    assert tiles >= 20
+    assert coherence[0] > 0.9 and coherence[-1] < 0.85
+    assert np.all(np.diff(amplitude) > 0)  # the sharp kernel gains more the higher the frequency
+    before, after = filter_gain(first[0].hu, first[1].hu, second[0].hu, second[1].hu, 0.7)
+    assert 2.0 < after - before < 12.0  # measured 8.8 dB at this size
 
 
 def test_two_kernels_share_anatomy(phantom):
@@ -87,6 +117,7 @@ def test_air_floor_clipping(phantom):
     (out,) = simulate_kernels(phantom.hu, SPACING, [PRESETS["B70"]], seed=1)
     assert out.min() >= -1024 and out.max() <= 3071
     assert (out == -1024).mean() > 0.05  # noisy air is clipped at the floor, as on Siemens scanners
+    np.testing.assert_array_equal(out, np.round(out))  # and stored as whole HU
 
 
 def test_rekernel_real_scan_towards_sharp(phantom):
@@ -118,7 +149,8 @@ def test_calibration_recovers_presets_from_simulated_kernels():
     (unclipped: the air-floor clip, like a scanner's, distorts the smoothest kernels near Nyquist)."""
     phantom = make_chest_phantom(256, 1, seed=11)
     names = ["B10", "B30", "B50", "B70"]
-    simulated = simulate_kernels(phantom.hu, SPACING, [PRESETS[n] for n in names], seed=2, hu_range=None)
+    # noise-free: the kernels' independent noise lowers a measured ratio by the coherence, as on real pairs
+    simulated = simulate_kernels(phantom.hu, SPACING, [PRESETS[n] for n in names], seed=2, hu_range=None, noise_scale=0.0)
     images = dict(zip(names, [im[0] for im in simulated]))
     pairs, noises = calibrate(images, 0.7, patch=16)
     assert [nc.kernel for nc in noises] == names
@@ -147,4 +179,27 @@ def test_calibrate_command_writes_plot(real_kernels, tmp_path, capsys):
     assert main(["calibrate", *args, "--spacing", "0.693359", "--out", str(tmp_path), "--fit"]) == 0
     out = capsys.readouterr().out
     assert "B50/B30" in out and "worst preset error" in out and "Refitted presets" in out
+    assert "Realism of simulated B30 -> B50 pairs" in out and "Realism of simulated B50 -> B70 pairs" in out
     assert (tmp_path / "calibration.png").stat().st_size > 10_000
+
+
+def test_realism_criterion_on_real_slice(real_kernels):
+    """Issue 9's criterion: on simulated B30/B50 pairs the fitted filter gains within 1.5 dB of what it gains
+    on the real pair, and coherence per band and soft-tissue noise power agree within tolerance."""
+    from radiomicgan.calibration import GAIN_TOLERANCE_DB, realism
+
+    load = lambda k: sitk.GetArrayFromImage(sitk.ReadImage(str(real_kernels / f"test1_{k}.mha"))).reshape(512, 512).astype(np.float64)  # noqa: E731
+    result = realism(load("B30"), load("B50"), 0.693359, "B30", "B50")
+    assert result.real_gain == pytest.approx(5.7, abs=0.2)  # the figure the issue quotes (46.0 - 40.2 dB)
+    assert abs(result.sim_gain - result.real_gain) <= GAIN_TOLERANCE_DB
+    assert result.coherence_ok and result.noise_ok and result.met
+
+
+def test_depth_dependent_noise(phantom):
+    """Noise is highest deep in the body and lowest in the air beside it, as measured on the real slice."""
+    from radiomicgan.kernels import depth_noise_amplitude
+
+    amp = depth_noise_amplitude(phantom.hu, SPACING)
+    centre, skin, air = amp[:, 64, 64], amp[:, 64, 12], amp[:, 2, 64]
+    assert np.all(centre > skin) and np.all(skin > air)
+    assert np.all(air < 0.8) and np.all(centre < 1.25)

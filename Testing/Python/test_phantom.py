@@ -37,7 +37,10 @@ def test_anatomy_layout(phantom):
     half = labels.shape[2] // 2
     left, right = lung[:, :, half:].sum(), lung[:, :, :half].sum()
     assert left > 0 and right > 0 and 0.6 < left / right < 1.4  # two lungs, roughly symmetric
-    assert not labels[:, 0, :].any() and not labels[:, :, 0].any()  # body inside the field of view
+    body = (labels > 0) & (labels != LABELS["table"])
+    assert not body[:, 0, :].any() and not body[:, :, 0].any()  # body inside the field of view
+    table = labels == LABELS["table"]
+    assert table[:, :, 0].any() and table[:, :, -1].any() and not table[:, : labels.shape[1] // 2].any()  # under the back, cut by the FOV
     assert (labels == LABELS["nodule"]).any() and phantom.nodules
     for nodule in phantom.nodules:
         x, y, z = nodule["centre_index"]

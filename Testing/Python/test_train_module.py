@@ -346,7 +346,7 @@ def test_cancel_keeps_the_last_complete_epoch(cancelled_training):
     from radiomicgan.modelio import load_model
 
     scene, run, root, code, lines = cancelled_training
-    assert code == 0, "\n".join(lines)
+    assert code in (0, 130), "\n".join(lines)  # 130: the core's exit status for a cancelled run
     card = json.loads((root / "model" / "model.json").read_text())
     assert card["training"]["status"] == "cancelled"
     assert 1 <= card["training"]["epochs_done"] < 4

@@ -13,6 +13,7 @@ from radiomicgan.window import (
     carry_weight,
     fixed_growing_windows,
     from_unit,
+    scale_range,
     select_window,
     to_unit,
 )
@@ -113,3 +114,43 @@ def test_carry_weight_blends_without_seams():
     assert w[np.searchsorted(hu, -2000)] == 0.0  # padding outside the field of view is carried over
     ramp = (hu > 950) & (hu < 1000)
     assert np.all(np.diff(w[ramp]) <= 0) and np.max(np.abs(np.diff(w[ramp]))) < 0.05  # linear, no jump
+
+
+def test_window_scaling_stretches_the_window_and_round_trips():
+    """The paper's variant: min-max over the window itself, so a lung window spans the whole network range."""
+    hu = np.array([-1100.0, -1024.0, -900.0, -769.0, -500.0])
+    lung = (-1024.0, -769.0)
+    stretched = apply_window(hu, lung, STANDARD_RANGE, "window")
+    np.testing.assert_allclose(stretched, [-1.0, -1.0, to_unit(-900.0, lung), 1.0, 1.0])
+    fixed = apply_window(hu, lung, STANDARD_RANGE, "fixed")
+    assert np.ptp(stretched) / np.ptp(fixed) == pytest.approx((1000 + 1024) / 255)  # ~8x the contrast
+    for scaling in ("window", "fixed"):  # back to HU through the same scale: the clipped input
+        back = from_unit(apply_window(hu, lung, STANDARD_RANGE, scaling), scale_range(lung, STANDARD_RANGE, scaling))
+        np.testing.assert_allclose(back, np.clip(hu, *lung), atol=1e-9)
+    assert scale_range(lung, STANDARD_RANGE, "fixed") == STANDARD_RANGE
+    with pytest.raises(ValueError, match="window scaling"):
+        scale_range(lung, STANDARD_RANGE, "per-slice")
+
+
+@pytest.mark.parametrize("name", ["dwt", "fixed", "dynamic"])
+def test_consolidation_ends_every_schedule_at_the_inference_window(name):
+    schedule = WindowSchedule(name, th_eta=1, epochs=10, consolidate=3)
+    windows = []
+    for epoch in range(10):
+        windows.append((schedule.phase, schedule.window))
+        schedule.end_epoch(epoch, accuracy=0.0, selected=(-900.0, -600.0))
+    assert [p for p, _ in windows[-3:]] == ["consolidation"] * 3
+    assert all(w == STANDARD_RANGE for _, w in windows[-3:]) and schedule.inference_window == STANDARD_RANGE
+    assert all(p != "consolidation" for p, _ in windows[:7])
+    if name != "fixed":  # the curriculum before consolidation used narrower windows
+        assert any(w != STANDARD_RANGE for _, w in windows[:7])
+    none = WindowSchedule("none", epochs=10, consolidate=3)
+    assert none.phase == "full" and none.window == STANDARD_RANGE
+
+
+def test_consolidation_survives_a_resume():
+    schedule = WindowSchedule("dwt", th_eta=1, epochs=4, consolidate=1)
+    for epoch in range(3):
+        schedule.end_epoch(epoch, 0.0)
+    restored = WindowSchedule(**{**schedule.state(), "hu_range": tuple(schedule.hu_range), "window": tuple(schedule.window)})
+    assert restored.phase == "consolidation" and restored.window == STANDARD_RANGE
