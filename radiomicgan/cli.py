@@ -6,6 +6,7 @@ Problems with the user's input end with one line on stderr and exit status 2, ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -360,7 +361,13 @@ def cmd_evaluate(args) -> int:
     reference = read_volume(args.reference)
     candidates = {name: read_volume(path) for name, path in names.items()}
     if args.labels:
-        rois = rois_from_labels(read_volume(args.labels, check_hu=False), reference)
+        rois = []
+        for value in args.labels:  # [GROUP=]FILE, repeatable: overlapping ROIs go into separate label maps
+            group, sep, path = value.partition("=")
+            if not sep or not group or Path(value).exists():
+                group, path = "labels", value
+            rois += [dataclasses.replace(r, name=f"{Path(path).stem}:{r.name}") if len(args.labels) > 1 else r
+                     for r in rois_from_labels(read_volume(path, check_hu=False), reference, group)]
     elif args.boxes:
         try:
             boxes = json.loads(Path(args.boxes).read_text())
@@ -509,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a volume to compare (repeat): e.g. input=b30.nrrd radiomicgan=harmonized.nrrd")
     ev.add_argument("--out", required=True, help="report folder (features.csv, ccc.csv, summary.json, report.html)")
     rois = ev.add_mutually_exclusive_group()
-    rois.add_argument("--labels", help="label map on the reference's grid: each label is an ROI")
+    rois.add_argument("--labels", action="append", metavar="[GROUP=]FILE",
+                      help="label map on the reference's grid: each label is an ROI of GROUP (default 'labels'); repeat for "
+                           "more groups or for overlapping ROIs")
     rois.add_argument("--boxes", help='JSON list of boxes in mm: [{"name": "n1", "min": [x, y, z], "max": [x, y, z]}]')
     rois.add_argument("--ranges", type=_parse_range, nargs="+", metavar="LO:HI",
                       help="HU ranges for random ROIs (default the paper's -800:-300 -100:250 300:800)")

@@ -119,14 +119,14 @@ def _roi_from_mask(name: str, group: str, mask: np.ndarray) -> ROI | None:
     return ROI(name, group, box, mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
 
 
-def rois_from_labels(labels: CTVolume, like: CTVolume) -> list[ROI]:
-    """Each non-zero label value of a label map on the reference's grid is one ROI."""
+def rois_from_labels(labels: CTVolume, like: CTVolume, group: str = "labels") -> list[ROI]:
+    """Each non-zero label value of a label map on the reference's grid is one ROI of ``group``."""
     if not labels.same_geometry(like):
         raise EvaluationError(f"{labels.source}: label map geometry differs from the reference {like.source}")
     values = np.rint(labels.hu).astype(np.int64)
     rois = []
     for value in np.unique(values[values != 0]):
-        rois.append(_roi_from_mask(f"label{value}", "labels", values == value))
+        rois.append(_roi_from_mask(f"label{value}", group, values == value))
     if not rois:
         raise EvaluationError(f"{labels.source}: the label map is empty (no non-zero label)")
     return rois

@@ -467,6 +467,8 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                     card["training"].update(epochs_done=epoch + 1, steps_done=steps_done, best_epoch=best["epoch"],
                                             last_val_psnr_db=epoch_record["val_psnr_db"])
                     _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done, best, improved)
+                    if _cam_samples(out, generator, discriminator, val, config, device):  # of this epoch's model
+                        epoch_record["cam_samples"] = CAM_SAMPLES
                     log.write(json.dumps(epoch_record) + "\n")
                     log.flush()
                     if on_epoch:
@@ -599,7 +601,8 @@ def _remove_empty_run(out: Path) -> None:
 
 
 def _plots(out: Path, card: dict, generator, discriminator, val, config, device) -> None:
-    """The window history (paper Fig. 5a) and sample Grad-CAM maps (Fig. 5b), saved as data and plots."""
+    """The window history (paper Fig. 5a) and the sample Grad-CAM maps (Fig. 5b; their data is written after every
+    epoch by ``_cam_samples``), saved as plots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -624,13 +627,35 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         fig.tight_layout()
         fig.savefig(out / WINDOWS_PLOT, dpi=100)
         plt.close(fig)
+    _cam_plot(out, config.th_fail, config.hu_range)
+
+
+def _cam_samples(out: Path, generator, discriminator, val, config, device) -> bool:
+    """Sample Grad-CAM maps of the current model (paper Fig. 5b) as data, replaced atomically so a reader (the
+    Slicer panel, which shows them after each epoch) never sees half a file. False when there is no discriminator."""
     if discriminator is None or not val:
-        return
+        return False
     shapes = {s.shape for s, _ in val}
-    samples = [s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]]
-    synthesized, cams = synthesize_with_cam(generator, discriminator, np.stack(samples), config.hu_range, device)
-    windows = [select_window([c], [s], config.th_fail, config.hu_range)[0] for c, s in zip(cams, synthesized)]
-    np.savez_compressed(out / CAM_SAMPLES, source=np.stack(samples), synthesized=synthesized, cam=cams)
+    samples = np.stack([s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]])
+    synthesized, cams = synthesize_with_cam(generator, discriminator, samples, config.hu_range, device)
+    partial = out / f".{CAM_SAMPLES}.partial.npz"
+    np.savez_compressed(partial, source=samples, synthesized=synthesized, cam=cams)
+    os.replace(partial, out / CAM_SAMPLES)
+    return True
+
+
+def _cam_plot(out: Path, th_fail: float, hu_range) -> None:
+    """The plot of the last Grad-CAM samples written (those of the last complete epoch)."""
+    if not (out / CAM_SAMPLES).is_file():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with np.load(out / CAM_SAMPLES) as data:
+        samples, synthesized, cams = data["source"], data["synthesized"], data["cam"]
+    windows = [select_window([c], [s], th_fail, hu_range)[0] for c, s in zip(cams, synthesized)]
     fig, axes = plt.subplots(len(samples), 3, figsize=(10, 3.3 * len(samples)), squeeze=False)
     for row, (src, syn, cam, win) in enumerate(zip(samples, synthesized, cams, windows)):
         axes[row, 0].imshow(src, cmap="gray", vmin=-800, vmax=800)

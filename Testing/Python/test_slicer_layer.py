@@ -17,7 +17,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requ
 from RadiomicGANLib.mrml import (  # noqa: E402
     KERNEL_ATTRIBUTE,
     add_volume_node,
-    compare_radiomics_nodes,
     harmonize_node,
     simulate_kernel_node,
     volume_from_node,
@@ -118,30 +117,6 @@ def test_cancelled_harmonize_adds_no_node(scene, model_dir):
     with pytest.raises(Cancelled):
         harmonize_node(scene, node, model_dir, device="cpu", cancel=lambda: True)
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count
-
-
-def test_roi_radiomics_comparison_panel_table(scene, tmp_path):
-    """Reference, candidates and a label map from the scene; counts and image metrics as a table node."""
-    params = tmp_path / "fast.yaml"
-    params.write_text("setting: {binWidth: 25, label: 1}\nimageType: {Original: {}}\nfeatureClass: {firstorder: }\n")
-    source, target, labels = phantom_pair(size=48, slices=3, seed=2)
-    reference = add_volume_node(scene, target, "B50")
-    candidates = {"B30": add_volume_node(scene, source, "B30"), "copy": add_volume_node(scene, target, "copy")}
-    grid = np.zeros(labels.shape, np.float32)
-    for k in range(10):  # 10 labels: the fewest ROIs a count takes
-        y, x = 4 + 10 * (k // 4), 4 + 10 * (k % 4)
-        grid[:, y : y + 6, x : x + 6] = k + 1
-    roi_node = add_volume_node(scene, target.with_hu(grid, kernel=""), "rois")
-    table, evaluation = compare_radiomics_nodes(scene, reference, candidates, roi_node, params=params, workers=1, bootstrap=10)
-    assert table.GetNumberOfRows() == 2 and table.GetNumberOfColumns() == 9
-    rows = {table.GetCellText(r, 0): r for r in range(2)}
-    assert table.GetCellText(rows["B30"], 1) == "labels" and table.GetCellText(rows["B30"], 2) == "10"
-    copy_count, b30_count = int(table.GetCellText(rows["copy"], 3)), int(table.GetCellText(rows["B30"], 3))
-    assert copy_count + int(table.GetCellText(rows["copy"], 6)) == evaluation.summary["features"] and b30_count <= copy_count
-    assert table.GetCellText(rows["copy"], 7) == "inf"
-    few = add_volume_node(scene, target.with_hu(np.where(grid > 6, 0, grid), kernel=""), "six rois")
-    table, _ = compare_radiomics_nodes(scene, reference, candidates, few, params=params, workers=1, bootstrap=10)
-    assert table.GetNumberOfRows() == 2 and table.GetCellText(0, 2) == "6" and table.GetCellText(0, 3) == "too small"
 
 
 def test_volume_from_node_rejects_empty_node(scene):

@@ -1,0 +1,198 @@
+"""The ROI radiomics comparison from Slicer: loaded volumes and ROIs are written to a work folder, the core's
+``radiomicgan evaluate`` runs in one background process (its pyradiomics pool, if any, lives there, never in
+Slicer's process), and its report folder becomes table nodes and a bar plot. No qt; the widget polls."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .process import BackgroundProcess, core_command, error_text, warning_text
+
+
+@dataclass
+class ComparisonResults:
+    report_folder: Path
+    summary: dict
+    ccc_tables: dict  # candidate name -> table node (ROI group, feature, CCC, reproducible)
+    summary_table: object  # reproducible counts per candidate and ROI group, PSNR/SSIM
+    counts_table: object
+    counts_chart: object
+
+    @property
+    def report(self) -> Path:
+        return self.report_folder / "report.html"
+
+    @property
+    def nodes(self) -> list:
+        return [*self.ccc_tables.values(), self.summary_table, self.counts_table, self.counts_chart]
+
+
+def _cli_name(name: str) -> str:
+    return name.replace("=", "-").strip() or "candidate"
+
+
+class ComparisonRun:
+    """Reference and candidate volume nodes compared on ROIs: segments of a segmentation, markups ROI boxes and
+    a label map (each its own ROI group), or, when none is given, random ROIs in HU ranges of the reference."""
+
+    def __init__(self, scene, reference_node, candidate_nodes, report_folder, *, segmentation_node=None,
+                 segment_ids=None, roi_nodes=(), label_node=None, hu_ranges=None, per_range: int = 20,
+                 roi_size_mm: float = 10.0, roi_slices: int = 3, whole_image: bool = False, params=None,
+                 workers: int | None = None, threshold: float = 0.85, bootstrap: int = 100, seed: int = 0,
+                 on_output=None):
+        if reference_node is None:
+            raise ValueError("select a reference volume (the standard kernel)")
+        if isinstance(candidate_nodes, dict):
+            candidates = dict(candidate_nodes)
+        else:
+            candidates = {}
+            for node in candidate_nodes:
+                name, n = _cli_name(node.GetName()), 2
+                while name in candidates:
+                    name, n = f"{_cli_name(node.GetName())} ({n})", n + 1
+                candidates[name] = node
+        candidates = {_cli_name(k): v for k, v in candidates.items() if v is not None and v is not reference_node}
+        if not candidates:
+            raise ValueError("select at least one candidate volume other than the reference")
+        self.scene = scene
+        self.reference_node = reference_node
+        self.candidates = candidates
+        self.report_folder = Path(report_folder)
+        if self.report_folder.exists() and any(self.report_folder.iterdir()):
+            raise ValueError(f"{self.report_folder}: already exists and is not empty; choose a new report folder")
+        self.segmentation_node, self.segment_ids = segmentation_node, segment_ids
+        self.roi_nodes, self.label_node = [n for n in roi_nodes if n is not None], label_node
+        self.hu_ranges, self.per_range, self.roi_size_mm, self.roi_slices = hu_ranges, per_range, roi_size_mm, roi_slices
+        self.whole_image, self.params, self.workers = whole_image, params, workers
+        self.threshold, self.bootstrap, self.seed = threshold, bootstrap, seed
+        self.on_output = on_output
+        self.work = None
+        self.legend: dict = {}
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.process: BackgroundProcess | None = None
+        self.results: ComparisonResults | None = None
+
+    def roi_groups(self) -> dict:
+        from .rois import BOXES_GROUP, LABELS_GROUP, SEGMENTS_GROUP, labelmap_masks, roi_box_masks, segment_masks
+
+        groups = {}
+        if self.segmentation_node is not None:
+            groups[SEGMENTS_GROUP] = segment_masks(self.segmentation_node, self.reference_node, self.segment_ids)
+        if self.roi_nodes:
+            groups[BOXES_GROUP] = roi_box_masks(self.roi_nodes, self.reference_node)
+        if self.label_node is not None:
+            groups[LABELS_GROUP] = labelmap_masks(self.label_node, self.reference_node)
+        return groups
+
+    def prepare(self) -> list[str]:
+        """Write the inputs to a fresh work folder; returns the command line."""
+        from radiomicgan.io import write_volume
+
+        from .mrml import volume_from_node
+        from .rois import write_roi_label_maps
+
+        self.work = Path(tempfile.mkdtemp(prefix="radiomicgan-compare-"))
+        try:
+            reference_path = self.work / "reference.nrrd"
+            write_volume(volume_from_node(self.reference_node), reference_path)
+            args = ["evaluate", "--reference", str(reference_path), "--reference-name", _cli_name(self.reference_node.GetName()),
+                    "--out", str(self.report_folder), "--threshold", repr(float(self.threshold)),
+                    "--bootstrap", str(self.bootstrap), "--seed", str(self.seed)]
+            for k, (name, node) in enumerate(self.candidates.items()):
+                path = self.work / f"candidate{k}.nrrd"
+                write_volume(volume_from_node(node), path)
+                args += ["--candidate", f"{name}={path}"]
+            groups = self.roi_groups()
+            if groups:
+                label_args, self.legend = write_roi_label_maps(groups, self.reference_node, self.work / "rois")
+                if not label_args:
+                    raise ValueError("the selected ROIs do not cover any voxel of the reference")
+                args += label_args
+            else:
+                if self.hu_ranges:
+                    args += ["--ranges", *[f"{lo:g}:{hi:g}" for lo, hi in self.hu_ranges]]
+                args += ["--per-range", str(self.per_range), "--roi-size", repr(float(self.roi_size_mm)),
+                         "--roi-slices", str(self.roi_slices)]
+                if self.whole_image:
+                    args.append("--whole-image")
+            if self.params:
+                args += ["--params", str(self.params)]
+            if self.workers:
+                args += ["--workers", str(self.workers)]
+        except BaseException:
+            self.cleanup()
+            raise
+        return core_command(*args)
+
+    def start(self) -> "ComparisonRun":
+        command = self.prepare()
+        self.process = BackgroundProcess(command, on_output=self._line).start()
+        return self
+
+    def _line(self, line: str) -> None:
+        if warning_text(line) is not None:
+            self.warnings.append(warning_text(line))
+        elif error_text(line) is not None:
+            self.errors.append(error_text(line))
+        if self.on_output is not None:
+            self.on_output(line)
+
+    def poll(self) -> int | None:
+        """Deliver output; on success, fill the result nodes (once). The exit status once ended."""
+        code = self.process.poll()
+        if code is not None:
+            self.cleanup()
+            if code == 0 and self.results is None:
+                if self.legend:  # which label of which label-map file was which segment or box
+                    import json
+
+                    (self.report_folder / "roi_names.json").write_text(json.dumps(self.legend, indent=2) + "\n")
+                if self.scene is not None:
+                    self.results = load_results(self.scene, self.report_folder)
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            code = self.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"comparison still running after {timeout} s")
+            time.sleep(0.1)
+
+    def cancel(self) -> None:
+        """Kill the process tree; the report folder is written atomically, so nothing half-written stays."""
+        if self.process is not None:
+            self.process.cancel()
+        for leftover in self.report_folder.parent.glob(f".{self.report_folder.name}.partial-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+def load_results(scene, report_folder) -> ComparisonResults:
+    """Table nodes and the counts plot of an evaluate report folder."""
+    import json
+
+    from .plots import ccc_tables, counts_chart, summary_table
+
+    report_folder = Path(report_folder)
+    summary = json.loads((report_folder / "summary.json").read_text())
+    counts, chart = counts_chart(scene, report_folder)
+    return ComparisonResults(report_folder, summary, ccc_tables(scene, report_folder), summary_table(scene, report_folder),
+                             counts, chart)

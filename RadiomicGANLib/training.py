@@ -1,0 +1,220 @@
+"""Training from Slicer: the core's ``radiomicgan train`` in a background process, its log as live plot nodes.
+
+Cancel first asks the trainer to stop (the flag file OUT/CANCEL it checks at every step), so the model folder
+keeps its last complete epoch; only when it has not stopped after a grace period is the process tree killed
+(still safe: the trainer replaces its files atomically). No qt; the widget polls ``TrainingRun.poll()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .process import BackgroundProcess, core_command, parse_progress
+
+CANCEL_GRACE_S = 60.0
+
+
+@dataclass
+class TrainingSettings:
+    """The panel's choices; ``None`` leaves the core's default."""
+
+    method: str = "radiomicgan"
+    schedule: str | None = None  # dwt for radiomicgan, none otherwise
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    th_acc: float = 0.5
+    th_eta: int = 2
+    th_fail: float = 0.5
+    lr: float = 1e-4
+    batch: int = 4
+    device: str = "auto"
+    crop: int | None = None
+    vgg_weights: str | None = None  # imagenet (default), a weights file, or random
+    val_slices: int | None = None
+    extra_args: list = field(default_factory=list)
+
+    def arguments(self) -> list[str]:
+        args = ["--method", self.method, "--epochs", str(self.epochs), "--steps-per-epoch", str(self.steps_per_epoch),
+                "--th-acc", repr(float(self.th_acc)), "--th-eta", str(self.th_eta), "--th-fail", repr(float(self.th_fail)),
+                "--lr", repr(float(self.lr)), "--batch", str(self.batch), "--device", self.device or "auto"]
+        for flag, value in (("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
+                            ("--val-slices", self.val_slices)):
+            if value not in (None, ""):
+                args += [flag, str(value)]
+        return args + [str(a) for a in self.extra_args]
+
+
+def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str | None = None,
+                           target_kernel: str | None = None) -> Path:
+    """Two loaded volumes of one scan (non-standard and standard kernel) as a one-pair training set in ``folder``
+    (the core's manifest format); returns the manifest path. The nodes are only read."""
+    from radiomicgan.dataset import manifest_entry, write_manifest
+    from radiomicgan.io import write_volume
+
+    from .mrml import volume_from_node
+
+    source, target = volume_from_node(source_node), volume_from_node(target_node)
+    if not source.same_geometry(target):
+        raise ValueError(f"{source_node.GetName()} and {target_node.GetName()} must be the same scan on the same grid "
+                         f"(shapes {source.shape} and {target.shape})")
+    source_kernel = source_kernel or source.meta.kernel or "source"
+    target_kernel = target_kernel or target.meta.kernel or "target"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_volume(source, folder / "pair0_source.nrrd", overwrite=True)
+    write_volume(target, folder / "pair0_target.nrrd", overwrite=True)
+    entry = manifest_entry("pair0", "pair0_source.nrrd", "pair0_target.nrrd", source_kernel, target_kernel)
+    return write_manifest(folder, [entry], {"made_by": "RadiomicGAN Train module from loaded volumes",
+                                            "source_node": source_node.GetName(), "target_node": target_node.GetName()})
+
+
+def core_option(command: str, option: str) -> bool:
+    """Whether this core's command line has ``option`` for ``command`` (an extension may meet an older core)."""
+    import argparse
+
+    from radiomicgan.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return any(option in a.option_strings for a in action.choices[command]._actions)
+    return False
+
+
+class TrainingRun:
+    """One ``radiomicgan train`` run in the background, with its log turned into plot nodes when a scene is given.
+
+    ``start()``, then ``poll()`` until it returns the exit status (0: completed or stopped after an epoch);
+    ``cancel()`` stops it. ``progress`` holds the last progress record, ``warnings`` the core's warnings."""
+
+    def __init__(self, pairs, model_folder, settings: TrainingSettings, *, resume: bool = False, scene=None,
+                 on_output=None, on_epoch=None, grace_s: float = CANCEL_GRACE_S):
+        from radiomicgan.train import CANCEL_NAME
+
+        self.pairs = Path(pairs)
+        self.folder = Path(model_folder)
+        self.settings = settings
+        self.resume = resume
+        self.scene = scene
+        self.on_output = on_output
+        self.on_epoch = on_epoch
+        self.grace_s = grace_s
+        self.cancel_flag = self.folder / CANCEL_NAME
+        self.plots = None
+        self.progress: dict | None = None
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.process: BackgroundProcess | None = None
+        self._cancel_asked: float | None = None
+        self._created = False
+        self._finished = False
+        self._cam_mtime: float | None = None
+
+    def command(self) -> list[str]:
+        args = ["train", "--pairs", str(self.pairs), "--out", str(self.folder), *self.settings.arguments()]
+        if core_option("train", "--progress-json"):
+            args.append("--progress-json")
+        return core_command(*args, *(["--resume"] if self.resume else []))
+
+    def start(self) -> "TrainingRun":
+        if self.cancel_flag.exists():  # left by an earlier cancel: the trainer would stop at once
+            self.cancel_flag.unlink()
+        self._created = not self.folder.exists()
+        if self.scene is not None:
+            from .plots import TrainingPlots
+
+            self.plots = TrainingPlots(self.scene, self.folder)  # on resume, the earlier epochs are plotted too
+        self.process = BackgroundProcess(self.command(), on_output=self._line).start()
+        return self
+
+    def _line(self, line: str) -> None:
+        from .process import error_text, warning_text
+
+        record = parse_progress(line)
+        if record is not None:
+            self.progress = record
+        elif warning_text(line) is not None:
+            self.warnings.append(warning_text(line))
+        elif error_text(line) is not None:
+            self.errors.append(error_text(line))
+        if self.on_output is not None:
+            self.on_output(line)
+
+    def poll(self) -> int | None:
+        """Deliver output, update the plots; the exit status once the process has ended."""
+        code = self.process.poll()
+        if self.plots is not None:
+            for record in self.plots.update():
+                if record.get("event") == "epoch" and self.on_epoch is not None:
+                    self.on_epoch(record)
+        if code is None and self._cancel_asked is not None and time.monotonic() - self._cancel_asked > self.grace_s:
+            self.process.cancel()  # did not stop within the grace period: kill the tree
+            code = self.process.poll()
+        if code is not None and not self._finished:
+            self._finish(code)
+        return code
+
+    def _finish(self, code: int) -> None:
+        """A run that ended without a model (failed or killed before its first epoch) leaves nothing behind: no
+        folder it created, no empty plot nodes."""
+        import shutil
+
+        from radiomicgan.modelio import CARD_NAME
+
+        self._finished = True
+        if self.cancel_flag.exists():
+            self.cancel_flag.unlink()
+        if code != 0 and self._created and not (self.folder / CARD_NAME).exists():
+            shutil.rmtree(self.folder, ignore_errors=True)
+        if code != 0 and self.plots is not None and not self.plots.records:
+            for node in self.plots.series_nodes() + self.plots.nodes:
+                self.scene.RemoveNode(node)
+            self.plots = None
+
+    def cam_samples_changed(self) -> bool:
+        """True once each time the training (re)writes its Grad-CAM samples."""
+        from radiomicgan.train import CAM_SAMPLES
+
+        path = self.folder / CAM_SAMPLES
+        if not path.is_file():
+            return False
+        mtime = path.stat().st_mtime
+        if mtime == self._cam_mtime:
+            return False
+        self._cam_mtime = mtime
+        return True
+
+    def request_cancel(self) -> None:
+        """Ask the trainer to stop at its next step (it keeps the last complete epoch); killed after the grace period."""
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.cancel_flag.parent.mkdir(parents=True, exist_ok=True)
+        self.cancel_flag.touch()
+        if self._cancel_asked is None:
+            self._cancel_asked = time.monotonic()
+
+    def cancel(self, grace_s: float | None = None) -> int:
+        """Stop and wait: the flag first, a kill after ``grace_s`` (default the run's grace period) seconds."""
+        if grace_s is not None:
+            self.grace_s = grace_s
+        self.request_cancel()
+        return self.wait()
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            code = self.poll()
+            if code is not None:
+                return code
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"training still running after {timeout} s")
+            time.sleep(0.1)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_asked is not None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
