@@ -154,7 +154,8 @@ def oom(args) -> None:
     fp32_out, yardstick = against(reference16, "fp32")  # bf16 at batch 16 against fp32 at batch 16: bf16's own error
     record["bf16_vs_fp32_at_batch_16"] = yardstick
     strict, fp32 = halving("fp32", min(slices, args.fp32_slices), min(batch, args.fp32_slices))
-    diff = np.abs(strict[:compare] - fp32_out)
+    n = min(len(strict), compare)
+    diff = np.abs(strict[:n] - fp32_out[:n])
     fp32.update(max_abs_hu_diff=float(diff.max()), mean_abs_hu_diff=float(diff.mean()), fraction_differing=float((diff > 0).mean()))
     record["fp32_strict"] = fp32
     print(f"bf16 (default): first {compare} slices against batch 16: max |HU difference| {bf16['max_abs_hu_diff']:.0f}, mean "
