@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, error_text, warning_text
+from .process import BackgroundProcess, core_command, error_text, wait_for_exit, warning_text
 
 
 @dataclass
@@ -156,16 +156,7 @@ class ComparisonRun:
         return code
 
     def wait(self, timeout: float | None = None) -> int:
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            code = self.poll()
-            if code is not None:
-                return code
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"comparison still running after {timeout} s")
-            time.sleep(0.1)
+        return wait_for_exit(self.poll, timeout, "comparison")
 
     def cancel(self) -> None:
         """Kill the process tree; the report folder is written atomically, so nothing half-written stays."""

@@ -84,6 +84,19 @@ def python_command() -> list[str]:
     raise RuntimeError("PythonSlicer was not found next to Slicer; the background process cannot start")
 
 
+def wait_for_exit(poll: Callable[[], int | None], timeout: float | None, what: str, interval: float = 0.1) -> int:
+    """Call ``poll`` (a job's own, which also gathers its results) until it returns an exit code; TimeoutError
+    after ``timeout`` seconds. For the jobs built on BackgroundProcess (training, comparison)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        code = poll()
+        if code is not None:
+            return code
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still running after {timeout} s")
+        time.sleep(interval)
+
+
 def core_command(*args: str) -> list[str]:
     return python_command() + ["-m", "radiomicgan.cli", *args]
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, parse_progress
+from .process import BackgroundProcess, core_command, parse_progress, wait_for_exit
 
 CANCEL_GRACE_S = 60.0
 
@@ -202,14 +202,7 @@ class TrainingRun:
         return self.wait()
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            code = self.poll()
-            if code is not None:
-                return code
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"training still running after {timeout} s")
-            time.sleep(0.1)
+        return wait_for_exit(self.poll, timeout, "training")
 
     @property
     def cancelled(self) -> bool:

@@ -291,7 +291,7 @@ class Harmonizer:
 
         from .gradcam import gradcam_nonstandard
         from .models import pad_to_multiple
-        from .window import to_unit
+        from .window import span_window, to_unit
 
         if self.model.discriminator is None:
             raise RadiomicGANError(f"method '{self.model.method}' has no discriminator: no Grad-CAM")
@@ -319,7 +319,7 @@ class Harmonizer:
             torch.cuda.synchronize()
         cams = cams.numpy()
         merged = torch.nonzero(seen).flatten().cpu().numpy().astype(np.int64) - 32768
-        window = _span_window(merged, (lo, hi))
+        window = span_window(merged, (lo, hi))
         summary = {
             "hot_spot_window_hu": list(window) if window else None,
             "hot_values": int(merged.size),
@@ -362,18 +362,6 @@ def _to_device(array: np.ndarray, device: str):
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _span_window(values: np.ndarray, hu_range, min_width: float = 256.0):
-    """The window a merged set of hot HU values spans, as ``window.select_window`` makes it."""
-    if values.size == 0:
-        return None
-    lo, hi = max(float(values.min()), hu_range[0]), min(float(values.max()), hu_range[1])
-    if hi - lo < min_width:  # too narrow to train on: widen around its centre, inside the range
-        centre = (lo + hi) / 2.0
-        lo = max(hu_range[0], min(centre - min_width / 2.0, hu_range[1] - min_width))
-        hi = lo + min_width
-    return lo, hi
-
-
 def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), device: str = "cpu", batch: int | None = None) -> np.ndarray:
     """HU slices (or one slice) -> harmonized HU with a loaded model, in full precision (validation, scripts)."""
     return Harmonizer(model, device=device, batch=batch, precision="fp32").harmonize(hu, spacing_xy)
@@ -407,6 +395,8 @@ def harmonize_volume(
 ) -> HarmonizeResult:
     """A volume in, its harmonized copy out (same geometry; the input is not changed)."""
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
+    if gradcam and harmonizer.model.discriminator is None:  # refuse before the work, not after the whole volume
+        raise RadiomicGANError(f"method '{harmonizer.model.method}' has no discriminator: no Grad-CAM; harmonize without it")
     warning = check_kernel(volume, harmonizer.model)
     if warning:
         warnings.warn(warning)

@@ -162,12 +162,21 @@ def select_window(
         kept_all.append(uniq[counts > 1])
     merged = np.unique(np.concatenate(kept_all)) if kept_all else np.array([], dtype=np.int64)
     details = {"hot_values": int(merged.size)}
-    if merged.size == 0:
+    window = span_window(merged, hu_range, min_width)
+    if window is None:
         return None, details
-    lo, hi = max(float(merged.min()), hu_range[0]), min(float(merged.max()), hu_range[1])
-    if hi - lo < min_width:  # too narrow to train on: widen around its centre, inside the range
+    details.update(lo=window[0], hi=window[1])
+    return window, details
+
+
+def span_window(values: np.ndarray, hu_range=STANDARD_RANGE, min_width: float = 256.0) -> tuple[float, float] | None:
+    """The window merged hot HU values span, within the range, at least ``min_width`` HU wide (a narrower one is
+    widened around its centre: too narrow to train on); None without values."""
+    if values.size == 0:
+        return None
+    lo, hi = max(float(values.min()), hu_range[0]), min(float(values.max()), hu_range[1])
+    if hi - lo < min_width:
         centre = (lo + hi) / 2.0
         lo = max(hu_range[0], min(centre - min_width / 2.0, hu_range[1] - min_width))
         hi = lo + min_width
-    details.update(lo=lo, hi=hi)
-    return (lo, hi), details
+    return lo, hi

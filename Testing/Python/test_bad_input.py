@@ -250,6 +250,7 @@ def test_readme_commands_parse_as_written_and_run_on_tiny_data(data, work, capsy
     # the ones that need no trained model and little time, run as written in a folder with tiny data
     monkeypatch.chdir(work)
     write_ct_series(work / "scan_dicom", ramp_volume(3, 16, 16), kernel="B30f")
+    write_ct_series(work / "sharp_scans" / "patient1", ramp_volume(3, 16, 16), kernel="B50f")
     for command in commands:
         if command.startswith(("radiomicgan info ", "radiomicgan simulate --from ")):
             code, _, err = run(shlex.split(command)[1:], capsys)

@@ -115,14 +115,18 @@ def test_learning_rate_decays_linearly_over_the_second_half():
     assert opt.param_groups[0]["lr"] == 1e-3
 
 
-def test_anatomy_is_kept(pairs, tmp_path):
+def test_anatomy_is_kept(tmp_path):
     """A briefly trained RadiomicGAN keeps body and lung outlines within one pixel of its input's on the
-    held-out scan, and inside tissue (away from edges) moves HU by no more than the kernel change does."""
+    held-out scan, and inside tissue (away from edges) moves HU by no more than the kernel change does. (At
+    128 px, the demo's size: on a 64 px phantom the thin table and vessels cross -500 HU differently in the two
+    kernels themselves.)"""
     from scipy import ndimage
 
+    pairs = simulate_phantom_pairs(tmp_path / "pairs", cases=3, size=128, slices=2, seed=4)
     out = tmp_path / "m"
     train(pairs, out, tiny(schedule="dwt", epochs=4, consolidate=0.25, lr=1e-3), progress=False)
     source, target = load_pair(load_manifest(pairs).pairs[-1])
+    assert max(anatomy_shift(source.hu, target.hu).values()) <= 1.0  # the kernel change itself moves nothing
     result = harmonize_hu(load_model(out), source.hu, source.spacing[:2])
     assert not np.array_equal(result, np.rint(source.hu))  # it did learn something
     shift = anatomy_shift(source.hu, result)
