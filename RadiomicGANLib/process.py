@@ -137,6 +137,7 @@ class BackgroundProcess:
         self.on_output = on_output
         self.lines: list[str] = []
         self.cancelled = False
+        self.terminate_grace_s = 10.0  # a cancelled core gets this long to remove its staged files before a kill
         self._process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
         self._reader: threading.Thread | None = None
@@ -218,6 +219,12 @@ class BackgroundProcess:
             return
         self.cancelled = True
         if self._process.poll() is None:
+            _terminate_tree(self._process)  # the core removes its staged files on SIGTERM, as on Ctrl-C
+            try:
+                self._process.wait(timeout=self.terminate_grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._process.poll() is None or _tree_alive(self._process):
             _kill_tree(self._process)
         try:
             self._process.wait(timeout=30)
@@ -227,6 +234,26 @@ class BackgroundProcess:
         if self._reader is not None:
             self._reader.join(timeout=10)
         self.poll()
+
+
+def _terminate_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group (POSIX; the launcher and the interpreter); elsewhere nothing: kill follows."""
+    if os.name == "nt":
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tree_alive(process: subprocess.Popen) -> bool:
+    if os.name == "nt":
+        return False
+    try:
+        os.killpg(process.pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _kill_tree(process: subprocess.Popen) -> None:

@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -487,8 +487,9 @@ def harmonize_file(
             staged[3][0].write_text(json.dumps(windows, indent=2) + "\n")
         if cancel is not None and cancel():
             raise Cancelled("harmonization cancelled; nothing written")
-        for tmp, target in staged:
-            _replace(tmp, target)
+        with _signals_deferred():  # milliseconds: a cancel then finds every output or none, never a part
+            for tmp, target in staged:
+                _replace(tmp, target)
     finally:
         for tmp, _ in staged:
             if tmp.is_dir():
@@ -496,6 +497,25 @@ def harmonize_file(
             elif tmp.exists():
                 tmp.unlink()
     return result
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C and SIGTERM while finished outputs are renamed into place; one that arrives meanwhile is
+    dropped, since the run is then complete (in the main thread only, where Python delivers signals)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = [n for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), lambda *_: None) for n in names}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
 
 
 def _staging_name(target: Path) -> Path:
