@@ -263,7 +263,7 @@ def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _slice_hu(path: Path, ds: Dataset) -> np.ndarray:
     transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian)
-    if not getattr(transfer_syntax, "is_compressed", False) and "PixelData" in ds:
+    if not _is_compressed(transfer_syntax) and "PixelData" in ds:
         _check_pixel_data_length(path, ds)
     try:
         stored = ds.pixel_array
