@@ -542,10 +542,11 @@ def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool 
     loss_d.backward()
     opt_d.step()
     with autocast:
-        logits = d(x, fake)
-        adversarial_loss = F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
         l1 = F.l1_loss(fake.float(), y.float())
-        loss_g = (adversarial_loss if adversarial else 0.0 * adversarial_loss) + config.lambda_l1 * l1
+        loss_g = config.lambda_l1 * l1
+        if adversarial:  # off during the warm-up: the discriminator trains meanwhile, the generator sees L1 only
+            logits = d(x, fake)
+            loss_g = loss_g + F.binary_cross_entropy_with_logits(logits.float(), torch.ones_like(logits, dtype=torch.float32))
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()

@@ -254,3 +254,22 @@ def test_two_process_ddp_stays_in_sync(pairs, tmp_path):
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["world_size"] == 2 and card["training"]["epochs_done"] == 2
     assert len([r for r in log if r["event"] == "epoch"]) == 2  # only rank 0 writes
+
+
+def test_adversarial_warmup_trains_the_generator_on_l1_alone():
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from radiomicgan.models import PatchDiscriminator, UNetGenerator
+    from radiomicgan.train import train_step
+
+    torch.manual_seed(0)
+    g, d = UNetGenerator((8, 8, 8, 8)), PatchDiscriminator(8)
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-4), torch.optim.Adam(d.parameters(), 1e-4)
+    x, y = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    config = TrainConfig()
+    warm = train_step(config, g, d, opt_g, opt_d, x, y, contextlib.nullcontext(), F, adversarial=False)
+    assert warm["loss_g"] == pytest.approx(config.lambda_l1 * warm["l1"], rel=1e-6) and warm["loss_d"] > 0
+    full = train_step(config, g, d, opt_g, opt_d, x, y, contextlib.nullcontext(), F, adversarial=True)
+    assert full["loss_g"] > config.lambda_l1 * full["l1"] + 0.1  # the adversarial term is back
