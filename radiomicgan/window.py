@@ -97,8 +97,11 @@ class WindowSchedule:
 
     @property
     def needs_cam(self) -> bool:
-        """Whether the next window comes from dynamic selection (so Grad-CAM must run after this epoch)."""
-        return self.phase == "dynamic"
+        """Whether the next window comes from dynamic selection (so Grad-CAM must run after this epoch); not when
+        consolidation takes over next, which would discard the selection."""
+        next_epoch = len(self.history) + 1  # the epoch being trained is len(history)
+        consolidating_next = self.consolidate > 0 and next_epoch >= self.epochs - self.consolidate
+        return self.phase == "dynamic" and not consolidating_next
 
     @property
     def inference_window(self) -> tuple[float, float]:
