@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--also-batch", type=int, help="also time the eager optimised path at this batch")
     parser.add_argument("--repeats", type=int, help="timed passes per variant (median)")
     parser.add_argument("--compile", action="store_true", help="also time the optimised path with torch.compile")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile modes to time, comma-separated (default, max-autotune-no-cudagraphs, "
+                             "reduce-overhead, max-autotune); each is one compilation, max-autotune takes minutes")
     parser.add_argument("--profile", type=Path, help="write the optimised path's top CUDA kernels here (CUDA only)")
     parser.add_argument("--json", type=Path, help="write the figures here (rewritten after each variant)")
     args = parser.parse_args()
@@ -120,7 +123,7 @@ def main() -> None:
     print(f"{'plain fp32 loop (batch 1, eager)':<58}{slices / seconds:10.1f} slices/s", flush=True)
     save()
 
-    def optimised(label: str, b: int, compile_model: bool) -> Harmonizer | None:
+    def optimised(label: str, b: int, compile_model: bool | str) -> Harmonizer | None:
         harmonizer = Harmonizer(loaded, device=args.device, batch=b, compile=compile_model)
         started = time.perf_counter()
         harmonizer.harmonize(hu[: min(2 * b, slices)])  # warm-up (and compilation)
@@ -159,8 +162,16 @@ def main() -> None:
                                                 f"== a) one pass over {slices} slices, optimised eager path, batch {batch}, {name}"))
         print(f"wrote {args.profile}", flush=True)
     if args.compile:
-        optimised(f"optimised {kind} + torch.compile (batch {compile_batch})" if cuda else
-                  f"optimised {kind} (batch {compile_batch}; compile is CUDA-only, eager here)", compile_batch, True)
+        for mode in [m.strip() for m in args.compile_mode.split(",") if m.strip()]:
+            named = "" if mode == "default" else f", mode {mode}"
+            try:
+                optimised(f"optimised {kind} + torch.compile{named} (batch {compile_batch})" if cuda else
+                          f"optimised {kind} (batch {compile_batch}; compile is CUDA-only, eager here)", compile_batch,
+                          True if mode == "default" else mode)
+            except Exception as exc:  # a mode failing to compile must not lose the figures already measured
+                print(f"torch.compile{named}: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})", flush=True)
+            if not cuda:
+                break
 
     best = max(v["slices_per_s"] for v in record["variants"].values())
     plain = record["variants"]["plain fp32 loop (batch 1, eager)"]["slices_per_s"]

@@ -6,6 +6,7 @@
 #   bash bench/real_slice_sweep.sh DATA_DIR OUT_DIR [DEVICE]      (DATA_DIR holds test1_B30.mha, test1_B50.mha)
 #
 # Every variant is its own process (the GPU is far from busy with one small-crop run); each gets LIMIT seconds.
+# SWEEP_DEMO=0 leaves out the demo-budget variants (the measurements behind the defaults) and runs the quality table.
 set -u
 DATA=$1
 OUT=$2
@@ -18,6 +19,7 @@ mkdir -p "$OUT/runs"
 
 variant() { # NAME METHOD BUDGET CONFIG_JSON [FEATURES]
     local name=$1 method=$2 budget=$3 config=$4 features=${5:-0}
+    [ "$budget" = demo ] && [ "${SWEEP_DEMO:-1}" = 0 ] && return 0 # SWEEP_DEMO=0: the GPU-budget quality table only
     local args=(${DEMO_ARGS:---steps 300 --epochs 12 --crop 64 --batch 4})
     [ "$budget" = gpu ] && args=(${GPU_ARGS:---steps 1500 --epochs 15 --crop 128 --batch 8})
     local extra=(--no-features)

@@ -71,8 +71,10 @@ class Harmonizer:
     """A loaded model ready to harmonize HU stacks. Reuse one for many volumes (loading and compiling once)."""
 
     def __init__(self, model: LoadedModel | str | os.PathLike, device: str = "auto", batch: int | None = None,
-                 compile: bool = False, precision: str = "auto"):
-        """``batch`` None: 16 slices on CUDA, 1 on the CPU (where batching does not pay, measured)."""
+                 compile: bool | str = False, precision: str = "auto"):
+        """``batch`` None: 16 slices on CUDA, 1 on the CPU (where batching does not pay, measured). ``compile``:
+        True for torch.compile's default mode, or a mode name (e.g. "max-autotune", which tries kernels per layer
+        for minutes on the first batch)."""
         import torch
 
         self.device = resolve_device(device)
@@ -105,7 +107,8 @@ class Harmonizer:
             torch.backends.cudnn.benchmark = True  # slice shapes are fixed within a volume: pick the fastest kernels once
         compiled = self.compile and device.startswith("cuda")
         # dynamic=False: one graph per batch shape; _run_chunk pads a short last batch up to the batch
-        self._network = torch.compile(self.model.generator, dynamic=False) if compiled else self.model.generator
+        mode = self.compile if isinstance(self.compile, str) and self.compile != "default" else None
+        self._network = torch.compile(self.model.generator, dynamic=False, mode=mode) if compiled else self.model.generator
         self._fixed_batch = compiled
 
     def _autocast(self):
