@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from .mrml import ijk_to_world, volume_from_node
+from .mrml import _ijk_to_ras, ijk_to_world, volume_from_node
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,13 @@ def labelmap_masks(label_node, reference_node, notes: list | None = None) -> dic
     grid (or under another transform) is resampled onto it, nearest neighbour; that is said in a warning, logged
     and appended to ``notes``. ValueError when none of its labels lands on the reference."""
     values = np.rint(volume_from_node(label_node).hu).astype(np.int64)
-    label_to_world, reference_to_world = ijk_to_world(label_node), ijk_to_world(reference_node)
     shape = tuple(reference_node.GetImageData().GetDimensions())[::-1]
     present = np.unique(values[values != 0])
-    same_grid = values.shape == shape and np.allclose(label_to_world, reference_to_world, atol=1e-4)
+    same_grid = (values.shape == shape and label_node.GetTransformNodeID() == reference_node.GetTransformNodeID()
+                 and np.allclose(_ijk_to_ras(label_node), _ijk_to_ras(reference_node), atol=1e-4))  # any transform
+    if not same_grid:
+        label_to_world, reference_to_world = ijk_to_world(label_node), ijk_to_world(reference_node)
+        same_grid = values.shape == shape and np.allclose(label_to_world, reference_to_world, atol=1e-4)
     if not same_grid:
         values = _resample_nearest(values, label_to_world, reference_to_world, shape)
         kept = np.unique(values[values != 0])

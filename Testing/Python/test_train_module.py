@@ -340,9 +340,15 @@ def test_label_map_on_the_reference_grid_is_taken_as_is_and_one_elsewhere_is_ref
     far = _label_node(scene, CTVolume(hu=hu, spacing=volume.spacing, origin=(500.0, 500.0, 500.0)), "far")
     with pytest.raises(ValueError, match=r"^label map far: does not overlap the reference ref"):
         labelmap_masks(far, reference)
-    far.SetAndObserveTransformNodeID(_displacement_transform(scene, (1.0, 0.0, 0.0)).GetID())
-    with pytest.raises(ValueError, match="harden the transform"):
+    warp = _displacement_transform(scene, (1.0, 0.0, 0.0))
+    far.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(ValueError, match="^far: under the non-linear transform 'warp'; harden the transform"):
         labelmap_masks(far, reference)
+    for node in (same, reference):  # both under the same warp: still the same grid, nothing to resample
+        node.SetAndObserveTransformNodeID(warp.GetID())
+    np.testing.assert_array_equal(labelmap_masks(same, reference, notes=notes)["label 4"], hu == 4)
+    assert notes == []
+    reference.SetAndObserveTransformNodeID(None)
     # the comparison passes the resampling note on to the panel
     coarse = _label_node(scene, _label_volume((3, 8, 8), (1.3, 1.1, 2.5), (-31.2, 10.3, 40.7), 0.1), "coarse")
     run = ComparisonRun(scene, reference, [add_volume_node(scene, volume, "candidate")], tmp_path / "report", label_node=coarse)
