@@ -1,6 +1,7 @@
 """The ROI radiomics comparison from Slicer: loaded volumes and ROIs are written to a work folder, the core's
 ``radiomicgan evaluate`` runs in one background process (its pyradiomics pool, if any, lives there, never in
-Slicer's process), and its report folder becomes table nodes and a bar plot. No qt; the widget polls."""
+Slicer's process), and its report folder becomes table nodes and a bar plot. Its ``--progress-json`` lines drive
+``progress`` (0..1) and ``status_text()``. No qt; the widget polls."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, error_text, wait_for_exit, warning_text
+from .process import BackgroundProcess, core_command, error_text, parse_progress, wait_for_exit, warning_text
+
+FEATURES_SHARE = 0.95  # of the progress bar: measuring the ROIs; the rest is CCC, bootstrap and the report
 
 
 @dataclass
@@ -75,6 +78,8 @@ class ComparisonRun:
         self.errors: list[str] = []
         self.process: BackgroundProcess | None = None
         self.results: ComparisonResults | None = None
+        self.progress, self.stage = 0.0, "starting"
+        self.record: dict | None = None  # the core's last progress record
 
     def roi_groups(self) -> dict:
         from .rois import BOXES_GROUP, LABELS_GROUP, SEGMENTS_GROUP, labelmap_masks, roi_box_masks, segment_masks
@@ -85,7 +90,7 @@ class ComparisonRun:
         if self.roi_nodes:
             groups[BOXES_GROUP] = roi_box_masks(self.roi_nodes, self.reference_node)
         if self.label_node is not None:
-            groups[LABELS_GROUP] = labelmap_masks(self.label_node, self.reference_node)
+            groups[LABELS_GROUP] = labelmap_masks(self.label_node, self.reference_node, notes=self.warnings)
         return groups
 
     def prepare(self) -> list[str]:
@@ -123,6 +128,10 @@ class ComparisonRun:
                 args += ["--params", str(self.params)]
             if self.workers:
                 args += ["--workers", str(self.workers)]
+            from .training import core_option
+
+            if core_option("evaluate", "--progress-json"):  # an older core has no progress lines
+                args.append("--progress-json")
         except BaseException:
             self.cleanup()
             raise
@@ -134,7 +143,12 @@ class ComparisonRun:
         return self
 
     def _line(self, line: str) -> None:
-        if warning_text(line) is not None:
+        record = parse_progress(line)
+        if record is not None:
+            self.record, self.stage = record, record.get("stage", self.stage)
+            fraction = float(record.get("fraction", 0.0))
+            self.progress = FEATURES_SHARE * fraction if self.stage == "features" else FEATURES_SHARE + (1 - FEATURES_SHARE) * fraction
+        elif warning_text(line) is not None:
             self.warnings.append(warning_text(line))
         elif error_text(line) is not None:
             self.errors.append(error_text(line))
@@ -153,7 +167,20 @@ class ComparisonRun:
                     (self.report_folder / "roi_names.json").write_text(json.dumps(self.legend, indent=2) + "\n")
                 if self.scene is not None:
                     self.results = load_results(self.scene, self.report_folder)
+                self.progress, self.stage = 1.0, "completed"
         return code
+
+    def status_text(self) -> str:
+        """One line for the panel: what the background process is doing."""
+        record = self.record or {}
+        if self.stage == "features":
+            return (f"Radiomic features: {record.get('done', 0)} of {record.get('total', '?')} ROI measurements "
+                    f"({record.get('images', '?')} volumes x {record.get('rois', '?')} ROIs)")
+        if self.stage == "report":
+            return "Reproducibility (CCC) and the report..."
+        if self.stage == "completed":
+            return "Comparison completed"
+        return "Reading the volumes and ROIs..."
 
     def wait(self, timeout: float | None = None) -> int:
         return wait_for_exit(self.poll, timeout, "comparison")

@@ -212,7 +212,7 @@ class HarmonizeJob:
     def _load(self) -> HarmonizeResult:
         from radiomicgan.io import read_volume
 
-        from .mrml import add_map_node, add_volume_node, set_volume_node, show_thresholded
+        from .mrml import add_map_node, add_volume_node, place_like, set_volume_node, show_thresholded
 
         volume = read_volume(self.output_path)
         name = f"{self.input_node.GetName()}_harmonized"
@@ -229,12 +229,14 @@ class HarmonizeJob:
             output = add_volume_node(self.scene, volume, name)
         output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.get("target_kernel", "")))
         output.SetAttribute("RadiomicGAN.Model", str(self.model_dir))
+        place_like(output, self.input_node)  # a transformed input's result shows where the input shows
         result = HarmonizeResult(volume=output, windows=windows, warnings=list(self.warnings))
         if self.gradcam:
             result.gradcam = add_map_node(self.scene, cam.hu, volume, f"{name}_GradCAM")
             result.gradcam_input = add_map_node(self.scene, cam_input.hu, volume, f"{self.input_node.GetName()}_GradCAM")
             for node in (result.gradcam, result.gradcam_input):
                 show_thresholded(node, self.th_fail)
+                place_like(node, self.input_node)
         return result
 
 

@@ -1,7 +1,8 @@
 """MRML volume nodes to and from the core's CTVolume.
 
 MRML geometry is RAS; the core (like ITK and DICOM) uses LPS. The conversion lives here only. Every
-function takes the scene as an argument and never changes an input node: results are new nodes.
+function takes the scene as an argument and never changes an input node: results are new nodes. A parent
+transform stays in MRML: the core sees the voxel grid (IJK to RAS), and results go under their input's transform.
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ def _ijk_to_ras(node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_world(node) -> np.ndarray:
+    """IJK to world RAS, the node's parent transforms included: where the views show its voxels. A non-linear
+    transform has no matrix: ValueError (hardening it resamples the volume onto a grid of its own)."""
+    import vtk
+
+    ijk_to_ras = _ijk_to_ras(node)
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return ijk_to_ras
+    if not transform.IsTransformToWorldLinear():
+        raise ValueError(f"{node.GetName()}: under the non-linear transform '{transform.GetName()}'; harden the "
+                         "transform first (Data module: right-click the transform > Harden transform)")
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    to_world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return to_world @ ijk_to_ras
+
+
+def place_like(output_node, input_node) -> None:
+    """Put a result under its input's parent transform: computed on the input's voxel grid, it then shows where
+    the input shows (and follows it when the transform changes), linear or not."""
+    output_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
 
 
 def volume_from_node(node, kernel: str | None = None) -> CTVolume:
@@ -108,7 +133,9 @@ def simulate_kernel_node(scene, input_node, kernel: str, source_kernel: str | No
 
     volume = volume_from_node(input_node)
     result = rekernel_volume(volume, kernel, source_kernel, seed=seed)
-    return add_volume_node(scene, result, f"{input_node.GetName()}_{kernel}")
+    output = add_volume_node(scene, result, f"{input_node.GetName()}_{kernel}")
+    place_like(output, input_node)
+    return output
 
 
 def harmonize_node(scene, input_node, model, *, device: str = "auto", batch: int | None = None, gradcam: bool = False,
@@ -126,9 +153,11 @@ def harmonize_node(scene, input_node, model, *, device: str = "auto", batch: int
     target = result.windows["target_kernel"] if result.windows else "harmonized"
     output = add_volume_node(scene, result.volume, f"{input_node.GetName()}_harmonized")
     output.SetAttribute("RadiomicGAN.HarmonizedTo", str(target))
+    place_like(output, input_node)
     cam_node = None
     if result.cam_output is not None:
         cam_node = add_map_node(scene, result.cam_output, volume, f"{input_node.GetName()}_GradCAM")
+        place_like(cam_node, input_node)
     return output, cam_node, result.windows
 
 

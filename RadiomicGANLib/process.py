@@ -5,10 +5,10 @@ Slicer (there ``sys.executable`` is Slicer's launcher: BrokenProcessPool or a ha
 No qt here: the widget polls ``BackgroundProcess.poll()`` from a ``qt.QTimer``; the console and the tests call
 ``wait()``. Output (stdout and stderr merged, one line at a time) is read by a thread into a queue.
 
-Machine-readable output of the core's command line (``radiomicgan harmonize|train ... --progress-json``):
+Machine-readable output of the core's command line (``radiomicgan harmonize|train|evaluate ... --progress-json``):
 
 - progress: a line ``PROGRESS {json}`` on stderr, flushed; read it with ``parse_progress(line)``. Keys:
-  ``task`` ("harmonize" or "train"), ``stage``, ``done``, ``total`` (integers, done <= total) and ``fraction``
+  ``task`` ("harmonize", "train" or "evaluate"), ``stage``, ``done``, ``total`` (integers, done <= total) and ``fraction``
   (done / total, 0..1). A stage's first and last lines are always printed, others at most every 0.25 s.
   harmonize: stage "harmonize" counts slices; with Grad-CAM, a line stage "gradcam" done 0 of 1 follows when the
   slices are done (the maps take about as long again); then the outputs are written: exit status 0 means all
@@ -17,6 +17,9 @@ Machine-readable output of the core's command line (``radiomicgan harmonize|trai
   ``epoch`` (0-based), ``window``, ``next_window``, ``loss_g``, ``loss_d``, ``l1``, ``accuracy``, ``val_psnr_db``
   and ``val_input_psnr_db`` where present (closed-form methods, filter and histmatch, print none). Per-step
   values are in the model folder's ``train_log.jsonl`` (read it for plots).
+  evaluate: stage "features" counts ROI measurements (each ROI on each image: ``images`` x ``rois``, both keys in
+  the record), from 0; when all are measured, a line stage "report" done 0 of 1 follows (CCC, bootstrap, report
+  files); exit status 0 means the report folder is complete.
 - warnings: lines starting ``radiomicgan: warning: `` (CPU fallback, kernel mismatch, ...); ``warning_text(line)``.
 - a problem with the user's input: one line ``radiomicgan: error: ...`` and exit status 2; cancelled by Ctrl-C
   (SIGINT): exit status 130. A killed process (``cancel()``) has a negative status on POSIX.

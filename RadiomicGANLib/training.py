@@ -27,7 +27,7 @@ class TrainingSettings:
     th_acc: float = 0.5
     th_eta: int = 2
     th_fail: float = 0.5
-    lr: float | None = None  # the core's per-method default (2e-4 RadiomicGAN, 1e-4 Choe)
+    lr: float | None = None  # None or 0 (the panel's "method default"): the core's per-method default (2e-4 RadiomicGAN, 1e-4 Choe)
     batch: int = 4
     device: str = "auto"
     crop: int | None = None
@@ -39,7 +39,7 @@ class TrainingSettings:
         args = ["--method", self.method, "--epochs", str(self.epochs), "--steps-per-epoch", str(self.steps_per_epoch),
                 "--th-acc", repr(float(self.th_acc)), "--th-eta", str(self.th_eta), "--th-fail", repr(float(self.th_fail)),
                 "--batch", str(self.batch), "--device", self.device or "auto"]
-        for flag, value in (("--lr", self.lr), ("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
+        for flag, value in (("--lr", self.lr or None), ("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
                             ("--val-slices", self.val_slices)):
             if value not in (None, ""):
                 args += [flag, str(value)]

@@ -69,7 +69,7 @@ class RadiomicGANTrainParameterNode:
     thAcc: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     thEta: Annotated[int, WithinRange(1, 100)] = 2
     thFail: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    learningRate: Annotated[float, WithinRange(1e-6, 0.1)] = 2e-4  # the core's RadiomicGAN default (measured)
+    learningRate: Annotated[float, WithinRange(0.0, 0.1)] = 0.0  # 0: the method's default (2e-4 RadiomicGAN, 1e-4 Choe)
     batch: Annotated[int, WithinRange(1, 256)] = 4
     device: str = "auto"  # the device list depends on the computer: kept in sync by the widget
     modelFolder: pathlib.Path
@@ -257,7 +257,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 pairs=None if p.useLoadedVolumes else p.pairsManifest, modelFolder=p.modelFolder,
                 sourceNode=p.sourceVolume if p.useLoadedVolumes else None, targetNode=p.targetVolume if p.useLoadedVolumes else None,
                 method=p.method, schedule=schedule, epochs=p.epochs, stepsPerEpoch=p.stepsPerEpoch, thAcc=p.thAcc,
-                thEta=p.thEta, thFail=p.thFail, learningRate=p.learningRate, batch=p.batch, device=p.device, resume=resume,
+                thEta=p.thEta, thFail=p.thFail, learningRate=p.learningRate or None, batch=p.batch, device=p.device, resume=resume,
                 waitForCompletion=False)
             self.ui.trainingProgressBar.maximum = p.epochs
             self.ui.trainingProgressBar.value = 0
@@ -351,7 +351,8 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.referenceVolume, list(p.candidateVolumes), p.reportFolder, segmentationNode=p.segmentation,
                 roiNodes=list(p.roiBoxes), labelMapNode=p.labelMap, perRange=p.perRange, waitForCompletion=False)
             self.ui.openReportButton.enabled = False
-            self.ui.compareStatusLabel.text = "Computing radiomic features in the background..."
+            self.ui.compareProgressBar.value = 0
+            self.ui.compareStatusLabel.text = self.comparison.status_text()
             self.timer.start()
             self.updateButtons()
 
@@ -364,7 +365,9 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _pollComparison(self):
         run = self.comparison
         code = run.poll()
+        self.ui.compareProgressBar.value = int(round(100 * run.progress))
         if code is None:
+            self.ui.compareStatusLabel.text = run.status_text()
             return
         if code != 0:
             message = "\n".join(run.errors) or "\n".join(run.process.lines[-15:])
@@ -375,7 +378,8 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         skipped = [f"{g}: {e.get('too_small') or e.get('skipped')}" for g, e in results.summary["groups"].items()
                    if "too_small" in e or "skipped" in e]
         self.ui.compareStatusLabel.text = (f"{results.summary['features']} features on {results.summary['rois']} ROIs; report in "
-                                           f"{results.report_folder}" + ("\nSkipped " + "; ".join(skipped) if skipped else ""))
+                                           f"{results.report_folder}" + ("\nSkipped " + "; ".join(skipped) if skipped else "")
+                                           + "".join(f"\nNote: {w}" for w in run.warnings))
         self.ui.openReportButton.enabled = True
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView)
@@ -439,6 +443,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
               learningRate=None, batch=4, device="auto", crop=None, vggWeights=None, valSlices=None, resume=False,
               waitForCompletion=True, timeout=None, scene=None, onOutput=None):
         """Train from a pairs manifest, or from two loaded volumes of one scan (written to a temporary pairs set).
+        ``learningRate`` None (or 0): the method's default (2e-4 RadiomicGAN and pix2pix, 1e-4 Choe).
 
         ``waitForCompletion=True``: blocks and returns the ``TrainingPlots`` (table and chart nodes of the log;
         ``.status`` says completed or cancelled); raises RuntimeError when the training failed.

@@ -384,12 +384,19 @@ def cmd_evaluate(args) -> int:
                       f"in [{lo:g}, {hi:g}] HU", file=sys.stderr)
         if args.whole_image:
             rois += body_slice_rois(reference)
-    with tqdm(desc="radiomic features", unit="ROI", disable=not sys.stderr.isatty()) as bar:
+    emit = _progress_lines(args.progress_json, "evaluate")
+    images = 1 + len(candidates)
+    with tqdm(desc="radiomic features", unit="ROI", disable=args.progress_json or not sys.stderr.isatty()) as bar:
         def progress(done, total):
             bar.total = total
             bar.n = done
             bar.refresh()
+            emit("features", done, total, images=images, rois=len(rois))
+            if done == total:
+                emit("report", 0, 1)
 
+        if rois:
+            emit("features", 0, images * len(rois), images=images, rois=len(rois))
         evaluation = evaluate(reference, candidates, rois, params=args.params, workers=args.workers, threshold=args.threshold,
                               bootstrap=args.bootstrap, seed=args.seed, reference_name=args.reference_name, progress=progress)
     write_report(evaluation, out, {args.reference_name: reference, **candidates}, overwrite=args.overwrite)
@@ -533,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference-name", default="reference")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--progress-json", action="store_true",
+                    help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")

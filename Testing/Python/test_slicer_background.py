@@ -28,7 +28,7 @@ from RadiomicGANLib.harmonization import (  # noqa: E402
     read_model_card,
     supports_gradcam,
 )
-from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, set_window, volume_from_node  # noqa: E402
+from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, ijk_to_world, set_window, volume_from_node  # noqa: E402
 from RadiomicGANLib.process import (  # noqa: E402
     BackgroundProcess,
     core_command,
@@ -220,6 +220,29 @@ def test_harmonize_job_into_a_chosen_output_node(models):
     assert target.GetDisplayNode() is not None
     with pytest.raises(ValueError, match="must not be the input"):
         HarmonizeJob(scene, node, models / "filter", output_node=node)
+
+
+def test_harmonize_job_result_of_a_transformed_input_shows_where_the_input_shows(models):
+    """A result is computed on the input's voxel grid, so it goes under the input's parent transform: the same
+    world position in the views, voxel for voxel, and it follows the input when the transform is edited."""
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    node = add_volume_node(scene, _oblique_scan(), "scan")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    moved = vtk.vtkTransform()
+    moved.Translate(12.0, -4.0, 3.0)
+    moved.RotateX(10.0)
+    transform.SetMatrixTransformToParent(moved.GetMatrix())
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    before = _matrix(node)
+    chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen")
+    for output_node in (None, chosen):
+        output, _, _ = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=output_node).wait(300)
+        assert output.GetTransformNodeID() == transform.GetID()
+        np.testing.assert_allclose(ijk_to_world(output), ijk_to_world(node), atol=1e-9)
+        assert not np.allclose(ijk_to_world(node), _matrix(node))  # the transform does move it
+    assert node.GetTransformNodeID() == transform.GetID() and np.array_equal(_matrix(node), before)  # input untouched
 
 
 def test_harmonize_job_cancelled_mid_run_adds_nothing(models):

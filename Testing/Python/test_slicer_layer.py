@@ -80,6 +80,24 @@ def test_simulate_kernel_node_makes_a_new_node_and_keeps_the_input(scene):
     assert volume_from_node(out).same_geometry(volume_from_node(node))
 
 
+def test_simulated_node_of_a_transformed_input_goes_under_its_transform(scene):
+    from RadiomicGANLib.mrml import ijk_to_world
+
+    source, _, _ = phantom_pair(size=32, slices=1, seed=1)
+    node = add_volume_node(scene, source, "phantom")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    out = simulate_kernel_node(scene, node, "B70")
+    assert out.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_allclose(ijk_to_world(out), ijk_to_world(node))
+    assert ijk_to_world(out)[0, 3] == pytest.approx(out.GetOrigin()[0] + 25.0)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from radiomicgan.simulate import simulate_phantom_pairs

@@ -148,6 +148,214 @@ def test_rotated_markups_roi_on_an_oblique_volume_matches_slicers_own_test(scene
     np.testing.assert_array_equal(mask, expected)
 
 
+# ------------------------------------------------------------------------------------------ transforms, label maps
+
+
+def _linear_transform(scene, rotation_deg=0.0, translation=(0.0, 0.0, 0.0), name="moved", about=(0.0, 0.0, 0.0)):
+    """A linear transform node: rotation about the z axis through ``about`` (RAS), then a translation."""
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    transform = vtk.vtkTransform()
+    transform.Translate(*translation)
+    transform.Translate(*about)
+    transform.RotateZ(rotation_deg)
+    transform.Translate(*(-np.asarray(about, float)))
+    node.SetMatrixTransformToParent(transform.GetMatrix())
+    return node
+
+
+def _displacement_transform(scene, displacement_ras, name="warp"):
+    """A non-linear (grid) transform node whose displacement is the same everywhere, so its effect is known."""
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(12, 12, 12)
+    grid.SetOrigin(-100.0, -100.0, -100.0)
+    grid.SetSpacing(20.0, 20.0, 20.0)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    vtk_to_numpy(grid.GetPointData().GetScalars())[:] = displacement_ras  # parent -> node: p + d, node -> parent: p - d
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetDisplacementGridData(grid)
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(transform)
+    assert not node.IsTransformToWorldLinear()
+    return node
+
+
+def _world_centres(node) -> np.ndarray:
+    """World RAS of every voxel centre (z, y, x, 3), through the node's transform as Slicer applies it to points
+    (vtkGeneralTransform), independently of the code under test."""
+    import vtk
+
+    ijk_to_ras = _ijk_to_ras(node)
+    to_world = vtk.vtkGeneralTransform()
+    if node.GetParentTransformNode() is not None:
+        node.GetParentTransformNode().GetTransformToWorld(to_world)
+    dims = node.GetImageData().GetDimensions()
+    out = np.zeros((dims[2], dims[1], dims[0], 3))
+    for k, j, i in np.ndindex(out.shape[:3]):
+        out[k, j, i] = to_world.TransformPoint((ijk_to_ras @ np.array([i, j, k, 1.0]))[:3])
+    return out
+
+
+def test_markups_roi_box_on_a_transformed_reference_uses_its_world_position(scene):
+    reference = add_volume_node(scene, _oblique((4, 16, 14)), "ref")
+    centre = _ijk_to_ras(reference) @ np.array([7.0, 8.0, 1.5, 1.0])
+    roi = _roi(scene, centre[:3], (6.0, 3.5, 3.0), rotation_deg=30.0)
+    untransformed = roi_box_mask(roi, reference)
+    reference.SetAndObserveTransformNodeID(_linear_transform(scene, 12.0, (2.3, -1.7, 0.4), about=centre[:3]).GetID())
+    roi.SetAndObserveTransformNodeID(_linear_transform(scene, -5.0, (0.5, 0.8, 0.0), "roi moved", centre[:3]).GetID())
+    mask = roi_box_mask(roi, reference)
+    centres = _world_centres(reference)
+    expected = np.zeros_like(mask)
+    for k, j, i in np.ndindex(mask.shape):
+        expected[k, j, i] = roi.IsPointInROIWorld(centres[k, j, i])  # Slicer's own test, in world coordinates
+    assert expected.sum() > 10 and not np.array_equal(expected, untransformed)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_markups_roi_box_refuses_a_non_linear_reference_transform(scene):
+    reference = add_volume_node(scene, _oblique(), "ref")
+    reference.SetAndObserveTransformNodeID(_displacement_transform(scene, (3.0, 0.0, 0.0)).GetID())
+    roi = _roi(scene, (_ijk_to_ras(reference) @ np.array([5.0, 6.0, 1.0, 1.0]))[:3], (4.0, 4.0, 4.0))
+    with pytest.raises(ValueError, match=r"^ref: under the non-linear transform 'warp'; harden the transform") as caught:
+        roi_box_mask(roi, reference)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("moved", ["reference", "segmentation", "both", "reference, non-linear"])
+def test_segments_follow_the_transforms_of_segmentation_and_reference(scene, moved):
+    """Slicer's export places segments in world coordinates, linear or grid transforms, on either node: a move by
+    whole voxels along the reference's first axis shifts the mask by as many voxels."""
+    reference = add_volume_node(scene, _oblique((3, 12, 16)), "ref")
+    mask = np.zeros((3, 12, 16), bool)
+    mask[:, 3:8, 6:11] = True
+    segmentation = _segmentation_from(scene, reference, {"nodule": mask})
+    step = 3 * _ijk_to_ras(reference)[:3, 0]  # three voxels along i, in RAS
+    if moved == "reference, non-linear":
+        transform = _displacement_transform(scene, step)  # node -> world: p - step
+    else:
+        transform = _linear_transform(scene, translation=tuple(-step))
+    for node in ([reference] if moved.startswith("reference") else [segmentation] if moved == "segmentation"
+                 else [reference, segmentation]):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    got = segment_masks(segmentation, reference)["nodule"]
+    expected = np.zeros_like(mask)
+    if moved == "both":
+        expected = mask
+    elif moved == "segmentation":  # the segment moved by -3 voxels along i
+        expected[:, 3:8, 3:8] = True
+    else:  # the reference moved by -3 voxels: the segment sits 3 voxels further along its i
+        expected[:, 3:8, 9:14] = True
+    np.testing.assert_array_equal(got, expected)
+
+
+def _label_volume(shape, spacing, origin, angle, seed=0) -> CTVolume:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.float32)
+    labels[:, 2:9, 3:10] = 1
+    labels[1:, 6:12, 8:15] = 2
+    labels[rng.random(shape) < 0.05] = 3  # scattered single voxels: any misplaced voxel shows
+    c, s = np.cos(angle), np.sin(angle)
+    return CTVolume(hu=labels, spacing=spacing, origin=origin, direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()))
+
+
+def _nearest_labels(label_node, reference_node) -> np.ndarray:
+    """The label at each reference voxel centre by hand: world position -> label IJK -> nearest voxel, 0 outside."""
+    values = slicer.util.arrayFromVolume(label_node)
+    world_to_label = np.linalg.inv(_world_matrix(label_node))
+    centres = _world_centres(reference_node)
+    ijk = np.einsum("ab,zyxb->zyxa", world_to_label[:3, :3], centres) + world_to_label[:3, 3]
+    fractional = np.abs(ijk - np.floor(ijk) - 0.5)
+    assert fractional.min() > 1e-6  # no centre half-way between two label voxels: nearest is well defined
+    index = np.floor(ijk + 0.5).astype(int)
+    dims = np.array(values.shape[::-1])
+    inside = np.all((index >= 0) & (index < dims), axis=-1)
+    out = np.zeros(centres.shape[:3], np.int64)
+    i, j, k = index[inside].T
+    out[inside] = values[k, j, i]
+    return out
+
+
+def _world_matrix(node) -> np.ndarray:
+    import vtk
+
+    to_world = np.eye(4)
+    if node.GetParentTransformNode() is not None:
+        m = vtk.vtkMatrix4x4()
+        node.GetParentTransformNode().GetMatrixTransformToWorld(m)
+        to_world = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return to_world @ _ijk_to_ras(node)
+
+
+def _label_node(scene, volume, name="labels"):
+    import vtk
+
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    source = add_volume_node(scene, volume, "tmp")
+    matrix = vtk.vtkMatrix4x4()
+    source.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    slicer.util.updateVolumeFromArray(node, volume.hu.astype(np.int16))
+    scene.RemoveNode(source)
+    return node
+
+
+def test_label_map_on_an_oblique_shifted_grid_is_resampled_nearest_neighbour(scene):
+    from RadiomicGANLib.rois import labelmap_masks
+
+    reference = add_volume_node(scene, _oblique((5, 14, 12)), "ref")
+    labels = _label_node(scene, _label_volume((4, 16, 18), (0.55, 0.65, 2.6), (-33.13, 9.71, 39.37), 0.83))
+    notes = []
+    masks = labelmap_masks(labels, reference, notes=notes)
+    expected = _nearest_labels(labels, reference)
+    assert set(np.unique(expected)) == {0, 1, 2, 3} and masks.keys() == {"label 1", "label 2", "label 3"}
+    for value in (1, 2, 3):
+        np.testing.assert_array_equal(masks[f"label {value}"], expected == value)
+    assert len(notes) == 1 and "resampled onto it (nearest neighbour)" in notes[0] and "ref" in notes[0]
+    # the label map under a transform: resampled from where the views show it
+    centre = _ijk_to_ras(reference) @ np.array([6.0, 7.0, 2.0, 1.0])
+    labels.SetAndObserveTransformNodeID(_linear_transform(scene, 7.0, (1.37, -0.91, 0.23), about=centre[:3]).GetID())
+    moved = labelmap_masks(labels, reference)
+    expected_moved = _nearest_labels(labels, reference)
+    assert not np.array_equal(expected_moved, expected)
+    for value in (1, 2, 3):
+        np.testing.assert_array_equal(moved.get(f"label {value}", np.zeros_like(expected_moved, bool)), expected_moved == value)
+
+
+def test_label_map_on_the_reference_grid_is_taken_as_is_and_one_elsewhere_is_refused(scene, tmp_path):
+    from RadiomicGANLib.rois import labelmap_masks
+
+    volume = _oblique((4, 12, 10))
+    reference = add_volume_node(scene, volume, "ref")
+    hu = np.zeros(volume.shape, np.float32)
+    hu[1:3, 2:5, 2:6] = 4
+    same = _label_node(scene, volume.with_hu(hu, kernel=""), "same")
+    notes = []
+    masks = labelmap_masks(same, reference, notes=notes)
+    assert notes == [] and list(masks) == ["label 4"]
+    np.testing.assert_array_equal(masks["label 4"], hu == 4)
+    far = _label_node(scene, CTVolume(hu=hu, spacing=volume.spacing, origin=(500.0, 500.0, 500.0)), "far")
+    with pytest.raises(ValueError, match=r"^label map far: does not overlap the reference ref"):
+        labelmap_masks(far, reference)
+    warp = _displacement_transform(scene, (1.0, 0.0, 0.0))
+    far.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(ValueError, match="^far: under the non-linear transform 'warp'; harden the transform"):
+        labelmap_masks(far, reference)
+    for node in (same, reference):  # both under the same warp: still the same grid, nothing to resample
+        node.SetAndObserveTransformNodeID(warp.GetID())
+    np.testing.assert_array_equal(labelmap_masks(same, reference, notes=notes)["label 4"], hu == 4)
+    assert notes == []
+    reference.SetAndObserveTransformNodeID(None)
+    # the comparison passes the resampling note on to the panel
+    coarse = _label_node(scene, _label_volume((3, 8, 8), (1.3, 1.1, 2.5), (-31.2, 10.3, 40.7), 0.1), "coarse")
+    run = ComparisonRun(scene, reference, [add_volume_node(scene, volume, "candidate")], tmp_path / "report", label_node=coarse)
+    groups = run.roi_groups()
+    assert set(groups) == {"labels"} and groups["labels"] and any("resampled" in w for w in run.warnings)
+
+
 def test_overlapping_rois_go_into_separate_label_maps():
     a = np.zeros((2, 6, 6), bool)
     a[:, :3] = True
@@ -202,12 +410,14 @@ def comparison(tmp_path_factory):
         centre = _ijk_to_ras(reference) @ np.array([x + 4.5, y + 4.5, 1.0, 1.0])
         rois.append(_roi(scene, centre[:3], (6.0, 6.0, 4.0)))
     before = slicer.util.arrayFromVolume(reference).copy()
-    lines = []
+    lines, seen = [], []  # seen: the job's (stage, progress) as each line arrived, as the panel's timer reads them
     run = ComparisonRun(scene, reference, [b30, copy], root / "report", segmentation_node=segmentation, roi_nodes=rois,
-                        params=root / "fast.yaml", workers=1, bootstrap=10, on_output=lines.append)
+                        params=root / "fast.yaml", workers=1, bootstrap=10,
+                        on_output=lambda line: (lines.append(line), seen.append((run.stage, run.progress, run.status_text()))))
     run.start()
     code = run.wait(timeout=600)
     assert code == 0, "\n".join(lines)
+    run.seen = seen
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(reference), before)
     return scene, run, root
 
@@ -234,6 +444,29 @@ def test_comparison_runs_in_the_background_and_fills_tables(comparison):
         assert n == summary["groups"][group]["rois"]
     assert column(table, "PSNR (dB)")[column(table, "candidate").index("copy")] == math.inf
     assert table.GetAttribute("RadiomicGAN.Report") == str(results.report)
+
+
+def test_comparison_reports_the_evaluate_progress_lines(comparison):
+    """evaluate --progress-json, run for real: ROI measurements counted from 0 to images x ROIs, never backwards,
+    then the report stage; the job turns them into a monotonic 0..1 progress and status lines."""
+    from RadiomicGANLib.process import parse_progress
+
+    scene, run, root = comparison
+    assert "--progress-json" in run.process.args
+    records = [parse_progress(line) for line in run.process.lines if parse_progress(line)]
+    features = [r for r in records if r["stage"] == "features"]
+    assert all(r["task"] == "evaluate" for r in records)
+    total = 3 * 21  # the reference and two candidates, 10 segments and 11 boxes
+    assert features[0]["done"] == 0 and features[-1]["done"] == features[-1]["total"] == total
+    assert all(r["total"] == total and r["images"] == 3 and r["rois"] == 21 for r in features)
+    assert all(a["done"] <= b["done"] for a, b in zip(features, features[1:]))
+    assert records[-1] == {"task": "evaluate", "stage": "report", "done": 0, "total": 1, "fraction": 0.0}
+    assert records.index(features[-1]) == len(records) - 2
+    progress = [p for _, p, _ in run.seen]
+    assert all(a <= b for a, b in zip(progress, progress[1:])) and 0 < max(progress) < 1
+    assert any(stage == "features" and f"{total} of {total} ROI measurements (3 volumes x 21 ROIs)" in text
+               for stage, _, text in run.seen)
+    assert run.progress == 1.0 and run.status_text() == "Comparison completed"
 
 
 def test_ccc_table_per_candidate_matches_the_report(comparison):
@@ -447,6 +680,43 @@ def test_training_command_carries_the_panel_settings(tmp_path):
     args = build_parser().parse_args(command[3:])
     assert (args.epochs, args.steps_per_epoch, args.th_acc, args.th_eta, args.th_fail, args.lr, args.batch, args.schedule,
             args.device, args.resume) == (7, 11, 0.6, 3, 0.4, 2e-4, 2, "dwt", "cpu", True)
+
+
+def test_panel_learning_rate_default_means_the_methods_own(tmp_path):
+    """The panel's learning rate 0 ("method default") passes no --lr: Choe trained from it gets its published 1e-4
+    (in the written model card), RadiomicGAN 2e-4; a value the user set is passed as is."""
+    import ast
+    import xml.etree.ElementTree as ET
+
+    from helpers import REPO
+
+    from radiomicgan.cli import build_parser
+    from radiomicgan.simulate import simulate_phantom_pairs
+
+    source = (REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text()
+    wrapper = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
+    default = next(item.value for item in wrapper.body if isinstance(item, ast.AnnAssign) and item.target.id == "learningRate")
+    assert ast.literal_eval(default) == 0.0
+    assert "learningRate=p.learningRate or None" in source  # the panel's 0 reaches the logic as "not set"
+    spin = next(w for w in ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui").iter("widget")
+                if w.get("name") == "learningRateSpinBox")
+    props = {p.get("name"): p[0].text for p in spin.findall("property")}
+    assert float(props["value"]) == float(props["minimum"]) == 0.0 and props["specialValueText"] == "method default"
+
+    for lr in (None, 0.0):
+        arguments = TrainingSettings(method="choe", schedule="none", lr=lr).arguments()
+        assert "--lr" not in arguments and build_parser().parse_args(["train", "--pairs", "p", "--out", "o", *arguments]).lr is None
+    assert TrainingSettings(method="choe", lr=3e-4).arguments()[-2:] == ["--lr", "0.0003"]
+
+    manifest = simulate_phantom_pairs(tmp_path / "pairs", 1, size=32, slices=1)
+    for method, expected in (("choe", 1e-4), ("radiomicgan", 2e-4)):
+        settings = TrainingSettings(method=method, schedule="none", lr=0.0, epochs=1, steps_per_epoch=1, batch=1, crop=32,
+                                    device="cpu", vgg_weights="random", val_slices=1)
+        run = TrainingRun(manifest, tmp_path / method, settings).start()
+        assert run.wait(timeout=300) == 0, run.process.lines[-5:]
+        assert "--lr" not in run.process.args
+        card = json.loads((tmp_path / method / "model.json").read_text())
+        assert card["method"] == method and card["config"]["lr"] == expected
 
 
 # ------------------------------------------------------------------------------------------ panel wiring
