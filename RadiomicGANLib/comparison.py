@@ -80,6 +80,10 @@ class ComparisonRun:
         self.results: ComparisonResults | None = None
         self.progress, self.stage = 0.0, "starting"
         self.record: dict | None = None  # the core's last progress record
+        for name, node in candidates.items():  # voxels are compared index by index, whatever the views show
+            if node.GetTransformNodeID() != reference_node.GetTransformNodeID():
+                self.warnings.append(f"{name}: under another transform than the reference {reference_node.GetName()}; "
+                                     "compared voxel by voxel on the volumes' own grids")
 
     def roi_groups(self) -> dict:
         from .rois import BOXES_GROUP, LABELS_GROUP, SEGMENTS_GROUP, labelmap_masks, roi_box_masks, segment_masks

@@ -354,6 +354,13 @@ def test_label_map_on_the_reference_grid_is_taken_as_is_and_one_elsewhere_is_ref
     run = ComparisonRun(scene, reference, [add_volume_node(scene, volume, "candidate")], tmp_path / "report", label_node=coarse)
     groups = run.roi_groups()
     assert set(groups) == {"labels"} and groups["labels"] and any("resampled" in w for w in run.warnings)
+    assert not any("transform" in w for w in run.warnings)
+    # a candidate under another transform than the reference is compared on its grid, and the panel says so
+    moved = add_volume_node(scene, volume, "moved")
+    moved.SetAndObserveTransformNodeID(warp.GetID())
+    run = ComparisonRun(scene, reference, [moved], tmp_path / "report2")
+    assert run.warnings == ["moved: under another transform than the reference ref; compared voxel by voxel on the "
+                            "volumes' own grids"]
 
 
 def test_overlapping_rois_go_into_separate_label_maps():
