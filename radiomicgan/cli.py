@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
     demo.add_argument("--slices", type=_at_least(1), default=10, help="slices per phantom scan (default 10: ten whole-body ROIs)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=_at_least(1), default=16, help="training epochs (default 16: eight of fixed growing, four of dynamic selection, four of consolidation)")
+    demo.add_argument("--epochs", type=_at_least(1), default=16, help="training epochs (default 16: four of fixed growing, a quarter of the steps; eight of dynamic selection; four of consolidation)")
     demo.add_argument("--steps-per-epoch", type=_at_least(1), default=19, help="steps per epoch (default 19: about 300 steps in all)")
     demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
     demo.add_argument("--rois", type=_at_least(3), default=15, help="random box ROIs per tissue label for the CCC report (default 15)")
