@@ -40,6 +40,7 @@ variant none-lr2e-4 radiomicgan-none demo '{"lr": 0.0002}' &
 variant dwt-fixed radiomicgan-dwt demo '{}' &
 variant dwt-window radiomicgan-dwt demo '{"window_scaling": "window"}' &
 variant dwt-noconsolidation radiomicgan-dwt demo '{"consolidate": 0}' &
+variant dwt-epochpaced radiomicgan-dwt demo '{"growing_share": 0}' &
 variant fixed-fixed radiomicgan-fixed demo '{}' &
 variant dynamic-fixed radiomicgan-dynamic demo '{}' &
 # GPU budget, with 2D radiomic features: the quality table

@@ -267,7 +267,7 @@ def cmd_train(args) -> int:
         beta1=args.beta1, lambda_l1=args.lambda_l1, th_acc=args.th_acc, th_eta=args.th_eta, th_fail=args.th_fail,
         cam_subset=args.cam_subset, window_step=args.window_step, hu_range=tuple(args.hu_range),
         vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
-        val_slices=args.val_slices, window_scaling=args.window_scaling, consolidate=args.consolidate,
+        val_slices=args.val_slices, window_scaling=args.window_scaling, consolidate=args.consolidate, growing_share=args.growing_share,
         lr_decay=args.lr_decay, adversarial_warmup=args.adversarial_warmup,
     )
     emit = _progress_lines(args.progress_json, "train")
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--window-scaling", choices=WINDOW_SCALINGS, default=defaults.window_scaling,
                     help="scale each window to [-1, 1] over the window itself (paper) or over --hu-range "
                          f"(default {defaults.window_scaling}, chosen by measurement: see README)")
+    tr.add_argument("--growing-share", type=_fraction, default=defaults.growing_share,
+                    help="fixed growing: most of the run's steps it may take; a window widens after its part of them, within "
+                         f"an epoch if need be (default {defaults.growing_share}, measured: see README; 0: paced by --th-eta epochs only)")
     tr.add_argument("--consolidate", type=_consolidation, default=defaults.consolidate,
                     help=f"fraction of the epochs that end training at the inference window (default {defaults.consolidate})")
     tr.add_argument("--no-lr-decay", dest="lr_decay", action="store_false",
@@ -549,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_at_least(16), default=128, help="phantom rows and columns (default 128)")
     demo.add_argument("--slices", type=_at_least(1), default=10, help="slices per phantom scan (default 10: ten whole-body ROIs)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--epochs", type=_at_least(1), default=16, help="training epochs (default 16: eight of fixed growing, four of dynamic selection, four of consolidation)")
+    demo.add_argument("--epochs", type=_at_least(1), default=16, help="training epochs (default 16: four of fixed growing, a quarter of the steps; eight of dynamic selection; four of consolidation)")
     demo.add_argument("--steps-per-epoch", type=_at_least(1), default=19, help="steps per epoch (default 19: about 300 steps in all)")
     demo.add_argument("--crop", type=_at_least(8), default=64, help="training crop size (default 64)")
     demo.add_argument("--rois", type=_at_least(3), default=15, help="random box ROIs per tissue label for the CCC report (default 15)")

@@ -138,7 +138,7 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
         target = folder / config.method
         card = train(manifest_path, target, config, progress=sys.stderr.isatty(),
                      on_epoch=lambda r, name=name: print(
-                         f"      {name} epoch {r['epoch'] + 1}: window [{r['window'][0]:.0f}, {r['window'][1]:.0f}] HU, "
+                         f"      {name} epoch {r['epoch'] + 1}: {_windows_text(r)} HU, "
                          f"validation PSNR {r['val_psnr_db']:.2f} dB (input {r['val_input_psnr_db']:.2f})"))
         if config.method == "filter":
             v = card["validation"]
@@ -146,6 +146,11 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
         folders[name] = target
         seconds[name] = time.perf_counter() - started
     return folders, seconds
+
+
+def _windows_text(record: dict) -> str:
+    windows = record.get("windows") or [record["window"]]
+    return ("windows " if len(windows) > 1 else "window ") + " to ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in (windows[0], windows[-1])[:len(windows)])
 
 
 def _plot_results(images: dict, target: np.ndarray, path: Path) -> None:

@@ -113,6 +113,7 @@ def render_card(card: dict) -> str:
         f"- Method: {card['method']}; schedule: {card.get('schedule', '-')}",
         f"- HU range harmonized: {card.get('hu_range')}; outside it the input is carried over",
         f"- Final training window: {card.get('final_window', '-')}",
+        *_growing_line(card),
         f"- Pretrained encoder: {card.get('architecture', {}).get('vgg_source', 'none')}",
         f"- Trained epochs: {t.get('epochs_done', '-')} of {t.get('epochs', '-')}, steps: {t.get('steps_done', '-')}, "
         f"device: {t.get('device', '-')}, precision: {t.get('precision', '-')}, processes: {t.get('world_size', 1)}",
@@ -123,6 +124,16 @@ def render_card(card: dict) -> str:
         "Weights are plain tensors (`weights.pt`, loaded with `torch.load(..., weights_only=True)`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _growing_line(card: dict) -> list[str]:
+    """How fixed growing was paced (older cards, paced by epochs only, lack the share)."""
+    c = card.get("config", {})
+    if card.get("schedule") not in ("dwt", "fixed") or "th_eta" not in c:
+        return []
+    share = c.get("growing_share", 0.0)
+    limit = f"at most {share:.0%} of the steps in all, {c['th_eta']} epoch(s) per window" if share else f"at most {c['th_eta']} epoch(s) per window"
+    return [f"- Fixed growing: windows widened by {c.get('window_step', 256.0):.0f} HU, {limit}, earlier when generator accuracy > {c.get('th_acc')}"]
 
 
 @dataclass

@@ -42,7 +42,7 @@ from .modelio import (
     safe_load,
     write_card,
 )
-from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, select_window
+from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window
 
 LOG_NAME = "train_log.jsonl"
 CANCEL_NAME = "CANCEL"
@@ -77,6 +77,7 @@ class TrainConfig:
     consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
     th_acc: float = 0.5
     th_eta: int = 2
+    growing_share: float = 0.25  # fixed growing takes at most this share of the steps (0: paced by th_eta epochs only)
     th_fail: float = 0.5
     cam_subset: int = 8  # |P|: slices whose Grad-CAM picks the next window
     window_step: float = 256.0
@@ -102,6 +103,8 @@ class TrainConfig:
                 raise TrainingError(f"{name.replace('_', '-')} must be at least 1")
         if self.window_scaling not in WINDOW_SCALINGS:
             raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
+        if not 0.0 <= self.growing_share <= 1.0:
+            raise TrainingError(f"growing share must be a fraction in [0, 1], got {self.growing_share}")
         if not 0.0 <= self.consolidate < 1.0:
             raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
         if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
@@ -380,11 +383,13 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, 0.999))
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
         consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
+        total_steps = config.epochs * config.steps_per_epoch
+        steps_per_window = growing_steps_per_window(config.growing_share, config.epochs, config.steps_per_epoch, config.th_eta,
+                                                    config.hu_range, -769.0, config.window_step)
         schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta,
-                                  epochs=config.epochs, consolidate=consolidate)
+                                  epochs=config.epochs, consolidate=consolidate, steps_per_window=steps_per_window)
         start_epoch, steps_done = 0, 0
         best = {"psnr_db": -np.inf, "epoch": None}
-        total_steps = config.epochs * config.steps_per_epoch
 
         if resume:
             state = safe_load(out / CHECKPOINT_NAME)
@@ -436,19 +441,21 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                         status = "cancelled"
                         break
                     source, target = sampler.sample(config.batch)
-                    x = torch.from_numpy(apply_window(source, window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
-                    y = torch.from_numpy(apply_window(target, window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
+                    step_window = schedule.window  # fixed growing paced by steps widens it within an epoch
+                    x = torch.from_numpy(apply_window(source, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
+                    y = torch.from_numpy(apply_window(target, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
                     _set_learning_rate(config, (opt_g, opt_d), steps_done, total_steps)
                     record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F,
                                         adversarial=steps_done >= config.adversarial_warmup)
                     for k in sums:
                         sums[k] += record.get(k, 0.0)
                     steps_done += 1
+                    schedule.end_step()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(window=f"[{window[0]:.0f},{window[1]:.0f}]", l1=f"{record['l1']:.4f}")
+                        bar.set_postfix(window=f"[{step_window[0]:.0f},{step_window[1]:.0f}]", l1=f"{record['l1']:.4f}")
                     if log and steps_done % config.log_every == 0:
-                        log.write(json.dumps({"event": "step", "epoch": epoch, "step": steps_done, "window": list(window), **record}) + "\n")
+                        log.write(json.dumps({"event": "step", "epoch": epoch, "step": steps_done, "window": list(step_window), **record}) + "\n")
                         log.flush()
                 if status == "cancelled":
                     break
@@ -461,6 +468,8 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                 schedule.end_epoch(epoch, means["accuracy"], selected)
                 epoch_record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
                                 "seconds": time.perf_counter() - started, **means, **cam_info}
+                if "windows" in schedule.history[-1]:  # fixed growing widened within the epoch
+                    epoch_record["windows"] = schedule.history[-1]["windows"]
                 if dist.main:
                     loaded = LoadedModel(card=card, generator=generator.eval(), discriminator=discriminator)
                     epoch_record["val_psnr_db"], epoch_record["val_input_psnr_db"] = validation_psnr(loaded, val, spacing, device)
@@ -623,7 +632,10 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         epochs = [h["epoch"] for h in history]
         colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "full": "tab:gray"}
         for h in history:
-            ax.bar(h["epoch"], h["hi"] - h["lo"], bottom=h["lo"], color=colours.get(h["phase"], "tab:gray"), width=0.8)
+            windows = h.get("windows", [[h["lo"], h["hi"]]])  # several when fixed growing widened within the epoch
+            width = 0.8 / len(windows)
+            for i, (lo, hi) in enumerate(windows):
+                ax.bar(h["epoch"] - 0.4 + width * (i + 0.5), hi - lo, bottom=lo, color=colours.get(h["phase"], "tab:gray"), width=width)
         from matplotlib.patches import Patch
 
         names = {"fixed": "fixed growing", "dynamic": "dynamic selection", "full": "whole range"}

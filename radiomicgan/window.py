@@ -12,7 +12,8 @@ window are carried over from the input (see ``carry_weight``).
 
 Schedules (paper section 2.2):
 - ``fixed`` (RadiomicGAN-1): fixed growing from [-1024, -769], widening the upper bound by 256 HU when the
-  generator accuracy exceeds th_acc or the window has trained th_eta epochs, until the range is covered;
+  generator accuracy exceeds th_acc or the window has trained th_eta epochs, until the range is covered; with a
+  growing share, a window also widens after its share of the run's steps (within an epoch if need be);
 - ``dynamic`` (RadiomicGAN-2): after each epoch, dynamic selection from Grad-CAM hot spots sets the window;
 - ``dwt`` (RadiomicGAN): fixed growing, then dynamic selection;
 - ``none``: the whole range every epoch (plain pix2pix).
@@ -75,9 +76,12 @@ class WindowSchedule:
     th_eta: int = 2
     epochs: int = 0  # the run's length, for consolidation (0: no consolidation)
     consolidate: int = 0  # last epochs trained at the inference window
+    steps_per_window: int = 0  # cap on the steps one fixed-growing window trains (0: paced by epochs only)
     phase: str = ""
     window: tuple[float, float] = (0.0, 0.0)
     epochs_in_window: int = 0
+    steps_in_window: int = 0
+    epoch_windows: list = field(default_factory=list)  # every window of the current epoch, once fixed growing widened within it
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
@@ -114,9 +118,32 @@ class WindowSchedule:
             self.phase = "consolidation"
             self.window = self.inference_window
 
+    def end_step(self) -> tuple[float, float]:
+        """Count a training step; with ``steps_per_window``, fixed growing widens after that many steps, within an
+        epoch if need be, so a short run's curriculum takes the share of steps it was given."""
+        if self.phase == "fixed" and self.steps_per_window > 0:
+            self.steps_in_window += 1
+            lo, hi = self.hu_range
+            if self.window[1] < hi and self.steps_in_window >= self.steps_per_window:
+                self.epoch_windows = self.epoch_windows or [list(self.window)]
+                self._widen()
+                self.epoch_windows.append(list(self.window))
+        return self.window
+
+    def _widen(self) -> None:
+        lo, hi = self.hu_range
+        self.window = (lo, min(self.window[1] + self.step, hi))
+        self.epochs_in_window = 0
+        self.steps_in_window = 0
+
     def end_epoch(self, epoch: int, accuracy: float, selected: tuple[float, float] | None = None) -> tuple[float, float]:
-        """Record the epoch just trained and return the next epoch's window."""
-        self.history.append({"epoch": epoch, "phase": self.phase, "lo": self.window[0], "hi": self.window[1], "accuracy": accuracy})
+        """Record the epoch just trained (the window it started with, and all it trained when fixed growing
+        widened within it) and return the next epoch's window."""
+        entry = {"epoch": epoch, "phase": self.phase, "lo": self.window[0], "hi": self.window[1], "accuracy": accuracy}
+        if self.epoch_windows:
+            entry.update(lo=self.epoch_windows[0][0], hi=self.epoch_windows[0][1], windows=self.epoch_windows)
+            self.epoch_windows = []
+        self.history.append(entry)
         self.epochs_in_window += 1
         if self.phase == "consolidation":
             return self.window
@@ -125,9 +152,8 @@ class WindowSchedule:
             covered = self.window[1] >= hi
             if covered and self.schedule == "dwt":
                 self.phase = "dynamic"
-            elif not covered and (accuracy > self.th_acc or self.epochs_in_window >= self.th_eta):
-                self.window = (lo, min(self.window[1] + self.step, hi))
-                self.epochs_in_window = 0
+            elif not covered and (accuracy > self.th_acc or (self.epochs_in_window >= self.th_eta and not self.steps_per_window)):
+                self._widen()
         if self.phase == "dynamic" and self.history[-1]["phase"] == "dynamic":
             if selected is not None:
                 self.window = (max(lo, selected[0]), min(hi, selected[1]))
@@ -148,6 +174,18 @@ def fixed_growing_windows(hu_range=STANDARD_RANGE, start_upper: float = -769.0, 
         if upper >= hi:
             return windows
         upper += step
+
+
+def growing_steps_per_window(share: float, epochs: int, steps_per_epoch: int, th_eta: int, hu_range=STANDARD_RANGE,
+                             start_upper: float = -769.0, step: float = 256.0) -> int:
+    """The most steps one fixed-growing window trains when fixed growing may take at most ``share`` of the run
+    (never more than th_eta epochs); 0 when ``share`` is 0 (paced by epochs only). The paper paced it in epochs of
+    a 14,000-slice data set; over a short run, windows that stop below soft tissue teach the whole range almost
+    nothing (measured on the real slice, README), so the share bounds what the curriculum costs."""
+    if share <= 0:
+        return 0
+    windows = len(fixed_growing_windows(hu_range, start_upper, step))
+    return max(1, min(int(share * epochs * steps_per_epoch) // windows, th_eta * steps_per_epoch))
 
 
 def select_window(

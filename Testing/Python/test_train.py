@@ -53,10 +53,15 @@ def test_each_method_and_schedule_lowers_its_loss(pairs, tmp_path, method, sched
     relative = [e["l1"] / e["l1_input"] for e in epochs]  # 1.0 is what the untrained (identity) model scores
     assert relative[-1] < 0.999 and relative[-1] < relative[0], relative
     windows = [tuple(e["window"]) for e in epochs]
-    if schedule in ("dwt", "fixed"):
-        assert windows[:3] == [(-1024, -769), (-1024, 255), (-1024, 1000)]
+    if schedule in ("dwt", "fixed"):  # fixed growing takes at most a quarter of the 48 steps: 4 steps per window
+        assert epochs[0]["windows"] == [[-1024, -769], [-1024, 255], [-1024, 1000]]
+        assert windows[1:] == [(-1024, 1000)] * 3 or schedule == "dwt"
+        steps = [r for r in map(json.loads, (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()) if r["event"] == "step"]
+        assert steps[0]["step"] == 10 and steps[0]["window"] == [-1024, 1000]  # the step log names the step's window
     if schedule == "dwt":
-        assert [h["phase"] for h in card["window_history"]] == ["fixed"] * 3 + ["dynamic"]
+        assert [h["phase"] for h in card["window_history"]] == ["fixed"] + ["dynamic"] * 3
+        assert windows[1] == (-1024, 1000) and "cam_hot_values" in epochs[1]  # dynamic selection ran from epoch 1
+        assert "at most 25% of the steps in all, 1 epoch(s) per window" in (tmp_path / "m" / "MODEL_CARD.md").read_text()
     if schedule == "dynamic":
         assert "cam_hot_values" in epochs[0] and windows[0] == (-1024, 1000)
     if schedule == "none":

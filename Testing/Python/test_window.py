@@ -13,6 +13,7 @@ from radiomicgan.window import (
     carry_weight,
     fixed_growing_windows,
     from_unit,
+    growing_steps_per_window,
     scale_range,
     select_window,
     to_unit,
@@ -154,3 +155,58 @@ def test_consolidation_survives_a_resume():
         schedule.end_epoch(epoch, 0.0)
     restored = WindowSchedule(**{**schedule.state(), "hu_range": tuple(schedule.hu_range), "window": tuple(schedule.window)})
     assert restored.phase == "consolidation" and restored.window == STANDARD_RANGE
+
+
+def _run(schedule: WindowSchedule, epochs: int, steps_per_epoch: int) -> list[tuple[str, float]]:
+    """(phase, upper bound) of every training step, as the training loop drives the schedule."""
+    trained = []
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            trained.append((schedule.phase, schedule.window[1]))
+            schedule.end_step()
+        schedule.end_epoch(epoch, accuracy=0.0, selected=(-1024.0, 200.0) if schedule.needs_cam else None)
+    return trained
+
+
+def test_fixed_growing_takes_its_share_of_a_short_run():
+    """The real-slice budget (12 epochs of 25 steps, th_eta 1, a quarter consolidating): paced by epochs, fixed
+    growing took 8 of the 9 curriculum epochs and dynamic selection never ran; with a growing share of a quarter it
+    covers the range within the first 75 steps and dynamic selection gets the epochs up to consolidation."""
+    assert growing_steps_per_window(0.25, 12, 25, th_eta=1) == 9  # 75 steps over 8 windows
+    by_epochs = _run(WindowSchedule("dwt", th_eta=1, epochs=12, consolidate=3), 12, 25)
+    assert sum(p == "fixed" for p, _ in by_epochs) == 200 and not any(p == "dynamic" and hi < 1000 for p, hi in by_epochs)
+    by_share = _run(WindowSchedule("dwt", th_eta=1, epochs=12, consolidate=3, steps_per_window=9), 12, 25)
+    fixed = [hi for p, hi in by_share if p == "fixed"]
+    assert fixed[:9] == [-769.0] * 9 and fixed[9] == -513.0  # each window trains 9 steps ...
+    assert fixed.index(1000.0) == 63 and len(fixed) == 75  # ... the range is covered after 63, the phase ends with epoch 3
+    assert sorted(set(hi for hi in fixed)) == [hi for _, hi in fixed_growing_windows()]  # every window, in order
+    phases = [p for p, _ in by_share[::25]]
+    assert phases == ["fixed"] * 3 + ["dynamic"] * 6 + ["consolidation"] * 3
+    assert sum(p == "dynamic" and hi == 200.0 for p, hi in by_share) == 5 * 25  # selected windows trained
+
+
+def test_growing_share_never_exceeds_th_eta_and_zero_keeps_epoch_pacing():
+    assert growing_steps_per_window(0.25, 30, 1000, th_eta=2) == 937  # a long run: the share binds
+    assert growing_steps_per_window(1.0, 30, 10, th_eta=2) == 20  # th_eta epochs stay the limit
+    assert growing_steps_per_window(0.25, 2, 3, th_eta=1) == 1  # at least one step per window
+    assert growing_steps_per_window(0.0, 12, 25, th_eta=1) == 0
+    schedule = WindowSchedule("fixed", th_eta=2)  # steps_per_window 0: end_step leaves the window alone
+    for _ in range(1000):
+        schedule.end_step()
+    assert schedule.window == (-1024, -769)
+
+
+def test_windows_widened_within_an_epoch_are_in_the_history_and_survive_a_resume():
+    schedule = WindowSchedule("dwt", th_eta=1, epochs=12, consolidate=3, steps_per_window=9)
+    for _ in range(20):
+        schedule.end_step()
+    state = schedule.state()
+    restored = WindowSchedule(**{**state, "hu_range": tuple(state["hu_range"]), "window": tuple(state["window"])})
+    for s in (schedule, restored):
+        for _ in range(5):
+            s.end_step()
+        s.end_epoch(0, accuracy=0.0)
+        assert s.history[0]["windows"] == [[-1024, -769], [-1024, -513], [-1024, -257]]
+        assert (s.history[0]["lo"], s.history[0]["hi"]) == (-1024, -769) and s.window == (-1024, -257)
+        s.end_epoch(1, accuracy=0.0)  # no widening within this epoch (it trained no steps): one window
+        assert "windows" not in s.history[1] and s.history[1]["hi"] == -257
