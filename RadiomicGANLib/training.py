@@ -26,6 +26,7 @@ class TrainingSettings:
     steps_per_epoch: int = 100
     th_acc: float = 0.5
     th_eta: int = 2
+    growing_share: float | None = None  # fixed growing's share of the steps; None: the core's default
     th_fail: float = 0.5
     lr: float | None = None  # None or 0 (the panel's "method default"): the core's per-method default (2e-4 RadiomicGAN, 1e-4 Choe)
     batch: int = 4
@@ -39,7 +40,7 @@ class TrainingSettings:
         args = ["--method", self.method, "--epochs", str(self.epochs), "--steps-per-epoch", str(self.steps_per_epoch),
                 "--th-acc", repr(float(self.th_acc)), "--th-eta", str(self.th_eta), "--th-fail", repr(float(self.th_fail)),
                 "--batch", str(self.batch), "--device", self.device or "auto"]
-        for flag, value in (("--lr", self.lr or None), ("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
+        for flag, value in (("--lr", self.lr or None), ("--growing-share", self.growing_share), ("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
                             ("--val-slices", self.val_slices)):
             if value not in (None, ""):
                 args += [flag, str(value)]

@@ -68,6 +68,7 @@ class RadiomicGANTrainParameterNode:
     stepsPerEpoch: Annotated[int, WithinRange(1, 100000)] = 100
     thAcc: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     thEta: Annotated[int, WithinRange(1, 100)] = 2
+    growingShare: Annotated[float, WithinRange(0.0, 1.0)] = 0.25  # the core's default (measured; README)
     thFail: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     learningRate: Annotated[float, WithinRange(0.0, 0.1)] = 0.0  # 0: the method's default (2e-4 RadiomicGAN, 1e-4 Choe)
     batch: Annotated[int, WithinRange(1, 256)] = 4
@@ -257,7 +258,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 pairs=None if p.useLoadedVolumes else p.pairsManifest, modelFolder=p.modelFolder,
                 sourceNode=p.sourceVolume if p.useLoadedVolumes else None, targetNode=p.targetVolume if p.useLoadedVolumes else None,
                 method=p.method, schedule=schedule, epochs=p.epochs, stepsPerEpoch=p.stepsPerEpoch, thAcc=p.thAcc,
-                thEta=p.thEta, thFail=p.thFail, learningRate=p.learningRate or None, batch=p.batch, device=p.device, resume=resume,
+                thEta=p.thEta, growingShare=p.growingShare, thFail=p.thFail, learningRate=p.learningRate or None, batch=p.batch, device=p.device, resume=resume,
                 waitForCompletion=False)
             self.ui.trainingProgressBar.maximum = p.epochs
             self.ui.trainingProgressBar.value = 0
@@ -440,7 +441,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
 
     def train(self, pairs=None, modelFolder=None, *, sourceNode=None, targetNode=None, sourceKernel=None, targetKernel=None,
               method="radiomicgan", schedule=None, epochs=30, stepsPerEpoch=100, thAcc=0.5, thEta=2, thFail=0.5,
-              learningRate=None, batch=4, device="auto", crop=None, vggWeights=None, valSlices=None, resume=False,
+              growingShare=None, learningRate=None, batch=4, device="auto", crop=None, vggWeights=None, valSlices=None, resume=False,
               waitForCompletion=True, timeout=None, scene=None, onOutput=None):
         """Train from a pairs manifest, or from two loaded volumes of one scan (written to a temporary pairs set).
         ``learningRate`` None (or 0): the method's default (2e-4 RadiomicGAN and pix2pix, 1e-4 Choe).
@@ -458,7 +459,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
             work = tempfile.mkdtemp(prefix="RadiomicGAN-pairs-", dir=slicer.app.temporaryPath)
             pairs = write_pairs_from_nodes(sourceNode, targetNode, work, sourceKernel, targetKernel)
         settings = TrainingSettings(method=method, schedule=schedule, epochs=epochs, steps_per_epoch=stepsPerEpoch, th_acc=thAcc,
-                                    th_eta=thEta, th_fail=thFail, lr=learningRate, batch=batch, device=device, crop=crop,
+                                    th_eta=thEta, growing_share=growingShare, th_fail=thFail, lr=learningRate, batch=batch, device=device, crop=crop,
                                     vgg_weights=vggWeights, val_slices=valSlices)
         run = TrainingRun(pairs, modelFolder, settings, resume=resume, scene=scene or slicer.mrmlScene, on_output=onOutput).start()
         if not waitForCompletion:

@@ -678,15 +678,35 @@ def test_training_killed_after_the_grace_period_leaves_nothing(tmp_path, scene):
 
 def test_training_command_carries_the_panel_settings(tmp_path):
     settings = TrainingSettings(method="radiomicgan", schedule="dwt", epochs=7, steps_per_epoch=11, th_acc=0.6, th_eta=3,
-                                th_fail=0.4, lr=2e-4, batch=2, device="cpu")
+                                growing_share=0.0, th_fail=0.4, lr=2e-4, batch=2, device="cpu")
     run = TrainingRun(tmp_path / "pairs", tmp_path / "model", settings, resume=True)
     command = run.command()
     assert command[1:3] == ["-m", "radiomicgan.cli"] and command[3] == "train" and command[-1] == "--resume"
     from radiomicgan.cli import build_parser
 
     args = build_parser().parse_args(command[3:])
-    assert (args.epochs, args.steps_per_epoch, args.th_acc, args.th_eta, args.th_fail, args.lr, args.batch, args.schedule,
-            args.device, args.resume) == (7, 11, 0.6, 3, 0.4, 2e-4, 2, "dwt", "cpu", True)
+    assert (args.epochs, args.steps_per_epoch, args.th_acc, args.th_eta, args.growing_share, args.th_fail, args.lr, args.batch,
+            args.schedule, args.device, args.resume) == (7, 11, 0.6, 3, 0.0, 0.4, 2e-4, 2, "dwt", "cpu", True)
+    assert "--growing-share" not in TrainingRun(tmp_path / "p", tmp_path / "m", TrainingSettings()).command()
+
+
+def test_panel_growing_share_default_is_the_cores():
+    """The panel always passes its fixed-growing share: its default must stay the core's measured one."""
+    import ast
+    import xml.etree.ElementTree as ET
+
+    from helpers import REPO
+
+    from radiomicgan.train import TrainConfig
+
+    source = (REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text()
+    wrapper = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
+    default = next(item.value for item in wrapper.body if isinstance(item, ast.AnnAssign) and item.target.id == "growingShare")
+    spin = next(w for w in ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui").iter("widget")
+                if w.get("name") == "growingShareSpinBox")
+    props = {p.get("name"): p[0].text for p in spin.findall("property")}
+    assert ast.literal_eval(default) == float(props["value"]) == TrainConfig().growing_share
+    assert "growingShare=p.growingShare" in source
 
 
 def test_panel_learning_rate_default_means_the_methods_own(tmp_path):
