@@ -630,7 +630,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
     if history:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         epochs = [h["epoch"] for h in history]
-        colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "full": "tab:gray"}
+        colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "consolidation": "tab:green", "full": "tab:gray"}
         for h in history:
             windows = h.get("windows", [[h["lo"], h["hi"]]])  # several when fixed growing widened within the epoch
             width = 0.8 / len(windows)
@@ -638,7 +638,8 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
                 ax.bar(h["epoch"] - 0.4 + width * (i + 0.5), hi - lo, bottom=lo, color=colours.get(h["phase"], "tab:gray"), width=width)
         from matplotlib.patches import Patch
 
-        names = {"fixed": "fixed growing", "dynamic": "dynamic selection", "full": "whole range"}
+        names = {"fixed": "fixed growing", "dynamic": "dynamic selection", "consolidation": "consolidation (inference window)",
+                 "full": "whole range"}
         handles = [Patch(color=colours[p], label=names[p]) for p in names if any(h["phase"] == p for h in history)]
         ax.set_xlabel("epoch")
         ax.set_ylabel("training window (HU)")
