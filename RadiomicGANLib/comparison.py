@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, error_text, parse_progress, wait_for_exit, warning_text
+from .process import BackgroundProcess, CoreOutput, core_command, wait_for_exit
 
 FEATURES_SHARE = 0.95  # of the progress bar: measuring the ROIs; the rest is CCC, bootstrap and the report
 
@@ -37,7 +37,7 @@ def _cli_name(name: str) -> str:
     return name.replace("=", "-").strip() or "candidate"
 
 
-class ComparisonRun:
+class ComparisonRun(CoreOutput):
     """Reference and candidate volume nodes compared on ROIs: segments of a segmentation, markups ROI boxes and
     a label map (each its own ROI group), or, when none is given, random ROIs in HU ranges of the reference."""
 
@@ -146,18 +146,10 @@ class ComparisonRun:
         self.process = BackgroundProcess(command, on_output=self._line).start()
         return self
 
-    def _line(self, line: str) -> None:
-        record = parse_progress(line)
-        if record is not None:
-            self.record, self.stage = record, record.get("stage", self.stage)
-            fraction = float(record.get("fraction", 0.0))
-            self.progress = FEATURES_SHARE * fraction if self.stage == "features" else FEATURES_SHARE + (1 - FEATURES_SHARE) * fraction
-        elif warning_text(line) is not None:
-            self.warnings.append(warning_text(line))
-        elif error_text(line) is not None:
-            self.errors.append(error_text(line))
-        if self.on_output is not None:
-            self.on_output(line)
+    def on_progress(self, record: dict) -> None:
+        self.record, self.stage = record, record.get("stage", self.stage)
+        fraction = float(record.get("fraction", 0.0))
+        self.progress = FEATURES_SHARE * fraction if self.stage == "features" else FEATURES_SHARE + (1 - FEATURES_SHARE) * fraction
 
     def poll(self) -> int | None:
         """Deliver output; on success, fill the result nodes (once). The exit status once ended."""

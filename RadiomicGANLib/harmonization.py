@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, error_text, parse_progress, warning_text
+from .process import BackgroundProcess, CoreOutput, core_command, parse_progress
 
 DISCRIMINATOR_METHODS = ("radiomicgan", "pix2pix")  # the others have no discriminator, hence no Grad-CAM
 FIGURES = ("windows.png", "gradcam_samples.png", "losses.png", "validation.png")
@@ -105,7 +105,7 @@ class HarmonizeResult:
         return iter((self.volume, self.gradcam, self.windows))
 
 
-class HarmonizeJob:
+class HarmonizeJob(CoreOutput):
     """A harmonization running in the background. ``poll()`` from a timer (or ``wait()``); ``cancel()`` kills it.
 
     ``kernel``: the input's reconstruction kernel when the node does not record it (e.g. read from its DICOM
@@ -134,9 +134,9 @@ class HarmonizeJob:
         self.model_dir, self.card, self.gradcam, self.th_fail = Path(str(model_dir)), card, gradcam, th_fail
         self.status, self.progress, self.stage = "running", 0.0, "starting"
         self.warnings: list[str] = []
-        self.error: str | None = None
+        self.errors: list[str] = []
         self.result: HarmonizeResult | None = None
-        self._on_output = on_output
+        self.on_output = on_output
         self.workdir = Path(tempfile.mkdtemp(prefix="RadiomicGAN-harmonize-"))
         try:
             self.input_path = write_volume(volume, self.workdir / "input.nrrd")
@@ -153,19 +153,16 @@ class HarmonizeJob:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
 
-    def _line(self, line: str) -> None:
-        record = parse_progress(line)
-        if record is not None:
-            self.stage = record.get("stage", self.stage)
-            fraction = float(record.get("fraction", 0.0))
-            # slices are the first 50 % when Grad-CAM follows (it takes about as long again)
-            self.progress = (0.5 * fraction if self.stage == "harmonize" else 0.5 + 0.5 * fraction) if self.gradcam else fraction
-        elif warning_text(line) is not None:
-            self.warnings.append(warning_text(line))
-        elif error_text(line) is not None:
-            self.error = error_text(line)
-        if self._on_output is not None:
-            self._on_output(line)
+    def on_progress(self, record: dict) -> None:
+        self.stage = record.get("stage", self.stage)
+        fraction = float(record.get("fraction", 0.0))
+        # slices are the first 50 % when Grad-CAM follows (it takes about as long again)
+        self.progress = (0.5 * fraction if self.stage == "harmonize" else 0.5 + 0.5 * fraction) if self.gradcam else fraction
+
+    @property
+    def error(self) -> str | None:
+        """The message for the user: the core's last error, or why the run failed."""
+        return self.errors[-1] if self.errors else None
 
     @property
     def running(self) -> bool:
@@ -186,9 +183,10 @@ class HarmonizeJob:
                 self.status = "failed"
                 if self.error is None:
                     tail = [line for line in self.process.lines if line.strip() and parse_progress(line) is None][-5:]
-                    self.error = f"harmonization failed (exit status {code})" + (": " + " | ".join(tail) if tail else "")
+                    self.errors.append(f"harmonization failed (exit status {code})" + (": " + " | ".join(tail) if tail else ""))
         except Exception as exc:  # unreadable output: report, add nothing
-            self.status, self.error = "failed", f"could not load the result: {exc}"
+            self.status = "failed"
+            self.errors.append(f"could not load the result: {exc}")
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return self.status

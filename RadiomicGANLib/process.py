@@ -66,6 +66,27 @@ def error_text(line: str) -> str | None:
     return line[len(ERROR_PREFIX):] if line.startswith(ERROR_PREFIX) else None
 
 
+class CoreOutput:
+    """What a background job keeps of the core's output lines: progress records go to ``on_progress``, warnings and
+    errors into ``warnings`` and ``errors``; every line also reaches ``on_output`` (the widget's log)."""
+
+    on_output = None
+
+    def on_progress(self, record: dict) -> None:
+        pass
+
+    def _line(self, line: str) -> None:
+        record = parse_progress(line)
+        if record is not None:
+            self.on_progress(record)
+        elif warning_text(line) is not None:
+            self.warnings.append(warning_text(line))
+        elif error_text(line) is not None:
+            self.errors.append(error_text(line))
+        if self.on_output is not None:
+            self.on_output(line)
+
+
 def _slicer_app():
     """Slicer's application object when running inside Slicer (slicer-core, used by the tests, has none)."""
     module = sys.modules.get("slicer")

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BackgroundProcess, core_command, parse_progress, wait_for_exit
+from .process import BackgroundProcess, CoreOutput, core_command, wait_for_exit
 
 CANCEL_GRACE_S = 60.0
 
@@ -83,7 +83,7 @@ def core_option(command: str, option: str) -> bool:
     return False
 
 
-class TrainingRun:
+class TrainingRun(CoreOutput):
     """One ``radiomicgan train`` run in the background, with its log turned into plot nodes when a scene is given.
 
     ``start()``, then ``poll()`` until it returns the exit status (0: completed or stopped after an epoch);
@@ -129,18 +129,8 @@ class TrainingRun:
         self.process = BackgroundProcess(self.command(), on_output=self._line).start()
         return self
 
-    def _line(self, line: str) -> None:
-        from .process import error_text, warning_text
-
-        record = parse_progress(line)
-        if record is not None:
-            self.progress = record
-        elif warning_text(line) is not None:
-            self.warnings.append(warning_text(line))
-        elif error_text(line) is not None:
-            self.errors.append(error_text(line))
-        if self.on_output is not None:
-            self.on_output(line)
+    def on_progress(self, record: dict) -> None:
+        self.progress = record
 
     def poll(self) -> int | None:
         """Deliver output, update the plots; the exit status once the process has ended."""
