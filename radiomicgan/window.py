@@ -123,8 +123,7 @@ class WindowSchedule:
         epoch if need be, so a short run's curriculum takes the share of steps it was given."""
         if self.phase == "fixed" and self.steps_per_window > 0:
             self.steps_in_window += 1
-            lo, hi = self.hu_range
-            if self.window[1] < hi and self.steps_in_window >= self.steps_per_window:
+            if self.window[1] < self.hu_range[1] and self.steps_in_window >= self.steps_per_window:
                 self.epoch_windows = self.epoch_windows or [list(self.window)]
                 self._widen()
                 self.epoch_windows.append(list(self.window))
