@@ -30,8 +30,15 @@
 # The parts get GPU_CHECK_SECONDS (default 570 s) of the script's own wall time in all; timeout_s is the hard
 # stop. Each part runs under its own limit and never into RESERVE_F (default 250 s), kept for the quality run.
 # Measured on an H200 (2026-11-27): wheels 15 s, a 100 s, b 45 s without compile, c 25 s, d 45 s (before the
-# strict-fp32 fix), e 50 s. Parts already met there (c, e) can be left out to give the rest time:
-# GPU_CHECK_PARTS="a b d f" (default "a b c d e f"). Other knobs (environment): HARMONIZE_LIMIT (150),
+# strict-fp32 fix), e 50 s. Parts already met there (c, e) can be left out to give the rest time; with every
+# part and the defaults the later parts run out of time (a part never eats into RESERVE_F), so the next run's
+# call is:
+#
+#   run(command='GPU_CHECK_PARTS="a b d f" RESERVE_F=200 TRAIN_LIMIT=180 bash bench/gpu_check.sh',
+#       carry=[".whl", ".gpu_data"], timeout_s=600)
+#
+# (about wheels 15 + a 110 + b 180 + d 60 s, and 200 s for the quality table). GPU_CHECK_PARTS defaults to
+# "a b c d e f". Other knobs (environment): HARMONIZE_LIMIT (150),
 # TRAIN_LIMIT (220), TRAIN_ENCODERS ("frozen,trainable"), TRAIN_COMPILE (1: also time torch.compile of G and D,
 # forward and backward, a minute or two of compilation per encoder; 0: not), SWEEP_DEMO (1 adds the
 # demo-budget variants behind the training defaults), PYTHON.
