@@ -628,7 +628,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
 
     history = card.get("window_history", [])
     if history:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(8.5, 3.6))
         epochs = [h["epoch"] for h in history]
         colours = {"fixed": "tab:blue", "dynamic": "tab:orange", "consolidation": "tab:green", "full": "tab:gray"}
         for h in history:
@@ -645,7 +645,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         ax.set_ylabel("training window (HU)")
         ax.set_xticks(epochs)
         ax.set_title(f"Dynamic window-based training: {card.get('schedule')} schedule")
-        ax.legend(handles=handles, fontsize=8)
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
         fig.tight_layout()
         fig.savefig(out / WINDOWS_PLOT, dpi=100)
         plt.close(fig)
