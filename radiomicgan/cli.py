@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder (features.csv, ccc.csv, summary.json, report.html)")
     rois = ev.add_mutually_exclusive_group()
     rois.add_argument("--labels", action="append", metavar="[GROUP=]FILE",
-                      help="label map on the reference's grid: each label is an ROI of GROUP (default 'labels'); repeat for "
+                      help="label map (on another grid: resampled nearest-neighbour onto the reference's): each label is an ROI of GROUP (default 'labels'); repeat for "
                            "more groups or for overlapping ROIs")
     rois.add_argument("--boxes", help='JSON list of boxes in mm: [{"name": "n1", "min": [x, y, z], "max": [x, y, z]}]')
     rois.add_argument("--ranges", type=_parse_range, nargs="+", metavar="LO:HI",

@@ -119,11 +119,38 @@ def _roi_from_mask(name: str, group: str, mask: np.ndarray) -> ROI | None:
     return ROI(name, group, box, mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
 
 
-def rois_from_labels(labels: CTVolume, like: CTVolume, group: str = "labels") -> list[ROI]:
-    """Each non-zero label value of a label map on the reference's grid is one ROI of ``group``."""
-    if not labels.same_geometry(like):
-        raise EvaluationError(f"{labels.source}: label map geometry differs from the reference {like.source}")
+def labels_on_grid(labels: CTVolume, like: CTVolume) -> np.ndarray:
+    """Integer labels on ``like``'s voxel grid: as they are when on the same grid, else resampled nearest-neighbour
+    in physical space (a label map made at another resolution or by another tool), with a warning that says so and
+    names the labels that fall outside the reference."""
+    import warnings
+
+    import SimpleITK as sitk
+
     values = np.rint(labels.hu).astype(np.int64)
+    if labels.same_geometry(like):
+        return values
+    image = sitk.GetImageFromArray(values.astype(np.int32))
+    grid = sitk.Image([int(n) for n in like.shape[::-1]], sitk.sitkUInt8)
+    for target, volume in ((image, labels), (grid, like)):
+        target.SetSpacing(volume.spacing)
+        target.SetOrigin(volume.origin)
+        target.SetDirection(volume.direction)
+    resampled = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                     sitk.sitkInt32)).astype(np.int64)
+    present, kept = set(np.unique(values[values != 0]).tolist()), set(np.unique(resampled[resampled != 0]).tolist())
+    if present and not kept:
+        raise EvaluationError(f"{labels.source}: on another grid than the reference {like.source}, and none of its labels "
+                              "lands on it")
+    lost = sorted(present - kept)
+    warnings.warn(f"{labels.source}: on another grid than the reference {like.source}; resampled onto it (nearest "
+                  "neighbour)" + (f"; label(s) {', '.join(map(str, lost))} fall outside it and are left out" if lost else ""))
+    return resampled
+
+
+def rois_from_labels(labels: CTVolume, like: CTVolume, group: str = "labels") -> list[ROI]:
+    """Each non-zero label value of a label map is one ROI of ``group``, on the reference's grid."""
+    values = labels_on_grid(labels, like)
     rois = []
     for value in np.unique(values[values != 0]):
         rois.append(_roi_from_mask(f"label{value}", group, values == value))
