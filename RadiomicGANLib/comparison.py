@@ -132,10 +132,7 @@ class ComparisonRun(CoreOutput):
                 args += ["--params", str(self.params)]
             if self.workers:
                 args += ["--workers", str(self.workers)]
-            from .training import core_option
-
-            if core_option("evaluate", "--progress-json"):  # an older core has no progress lines
-                args.append("--progress-json")
+            args.append("--progress-json")  # the core ships inside the extension: it always has the option
         except BaseException:
             self.cleanup()
             raise

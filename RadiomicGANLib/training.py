@@ -71,18 +71,6 @@ def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str 
                                             "source_node": source_node.GetName(), "target_node": target_node.GetName()})
 
 
-def core_option(command: str, option: str) -> bool:
-    """Whether this core's command line has ``option`` for ``command`` (an extension may meet an older core)."""
-    import argparse
-
-    from radiomicgan.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return any(option in a.option_strings for a in action.choices[command]._actions)
-    return False
-
-
 class TrainingRun(CoreOutput):
     """One ``radiomicgan train`` run in the background, with its log turned into plot nodes when a scene is given.
 
@@ -113,9 +101,7 @@ class TrainingRun(CoreOutput):
         self._cam_mtime: float | None = None
 
     def command(self) -> list[str]:
-        args = ["train", "--pairs", str(self.pairs), "--out", str(self.folder), *self.settings.arguments()]
-        if core_option("train", "--progress-json"):
-            args.append("--progress-json")
+        args = ["train", "--pairs", str(self.pairs), "--out", str(self.folder), *self.settings.arguments(), "--progress-json"]
         return core_command(*args, *(["--resume"] if self.resume else []))
 
     def start(self) -> "TrainingRun":
