@@ -179,8 +179,8 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     if card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
         raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (format {card.get('format')!r}, method {card.get('method')!r})")
     hu_range = card.get("hu_range", STANDARD_RANGE)
-    if not (isinstance(hu_range, list | tuple) and len(hu_range) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
+    if not (isinstance(hu_range, (list, tuple)) and len(hu_range) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
             and hu_range[0] < hu_range[1]):
         raise ModelError(f"{card_path}: hu_range must be two numbers [LO, HI] with LO < HI, not {json.dumps(hu_range)}")
     if not (folder / WEIGHTS_NAME).is_file():
