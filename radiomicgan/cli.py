@@ -16,9 +16,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RadiomicGANError
+from .jobs import EPOCH_KEYS, ERROR_PREFIX, PROGRESS_INTERVAL_S, PROGRESS_OPTION, STOP_OPTION, WARNING_PREFIX, ExitCode, progress_line
 
-EXIT_USAGE = 2
-EXIT_CANCELLED = 130
+EXIT_USAGE = ExitCode.BAD_INPUT
+EXIT_CANCELLED = ExitCode.CANCELLED
 # "-800:-300" is an HU range (evaluate --ranges), not an option: argparse treats it like a negative number.
 _NEGATIVE_NUMBER_OR_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+:-?\d*\.?\d+$")
 
@@ -83,11 +84,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-PROGRESS_PREFIX = "PROGRESS "  # --progress-json lines on stderr, parsed by the Slicer modules (RadiomicGANLib/process.py)
-EPOCH_PROGRESS_KEYS = ("epoch", "window", "next_window", "loss_g", "loss_d", "l1", "accuracy", "val_psnr_db", "val_input_psnr_db")
-
-
-def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
+def _progress_lines(enabled: bool, task: str, interval: float = PROGRESS_INTERVAL_S):
     """A function(stage, done, total, **extra) printing one ``PROGRESS {json}`` line to stderr, at most every
     ``interval`` seconds except for a stage's first and last steps; a no-op when not ``enabled``."""
     import time
@@ -101,9 +98,7 @@ def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
         if done < total and stage == last["stage"] and now - last["time"] < interval:
             return
         last["time"], last["stage"] = now, stage
-        record = {"task": task, "stage": stage, "done": int(done), "total": int(total),
-                  "fraction": round(done / total, 4) if total else 1.0, **extra}
-        print(PROGRESS_PREFIX + json.dumps(record), file=sys.stderr, flush=True)
+        print(progress_line(task, stage, done, total, **extra), file=sys.stderr, flush=True)
 
     return emit
 
@@ -273,7 +268,7 @@ def cmd_train(args) -> int:
     emit = _progress_lines(args.progress_json, "train")
 
     def on_epoch(record: dict) -> None:
-        emit("epoch", record["epoch"] + 1, config.epochs, **{k: record[k] for k in EPOCH_PROGRESS_KEYS if k in record})
+        emit("epoch", record["epoch"] + 1, config.epochs, **{k: record[k] for k in EPOCH_KEYS if k in record})
 
     card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None,
                  on_epoch=on_epoch)
@@ -499,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
-    tr.add_argument("--progress-json", action="store_true",
+    tr.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print a machine-readable line 'PROGRESS {json}' to stderr after each epoch (for the Slicer module)")
+    tr.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     tr.set_defaults(func=cmd_train)
 
     hz = sub.add_parser("harmonize", help="harmonize a CT volume with a trained model; optionally map Grad-CAM windows")
@@ -516,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     hz.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA; pays off on large volumes)")
     hz.add_argument("--series", help="SeriesInstanceUID when the input folder holds several series")
     hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    hz.add_argument("--progress-json", action="store_true",
+    hz.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
+    hz.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     hz.set_defaults(func=cmd_harmonize)
 
     ev = sub.add_parser("evaluate", help="radiomic reproducibility (CCC) and PSNR/SSIM of candidates against a reference")
@@ -543,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference-name", default="reference")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
-    ev.add_argument("--progress-json", action="store_true",
+    ev.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
+    ev.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
@@ -560,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_HELP = ("stop as on Ctrl-C when a line 'stop' arrives on standard input or it closes (for programs that run this "
+             "one in the background, on every platform; train then keeps its last complete epoch)")
+
+
 def _terminated(signum, frame):
     """SIGTERM (a program cancelling this one, e.g. the Slicer modules) takes Ctrl-C's path, so every staged file
     is removed on the way out."""
@@ -573,17 +575,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *rest: f"radiomicgan: warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *rest: f"{WARNING_PREFIX}{message}\n"
     main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM")
     previous_term = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    if main_thread and getattr(args, "stop_on_stdin", False):
+        from .jobs import watch_stdin_for_stop
+
+        watch_stdin_for_stop()
     try:
         return args.func(args)
     except RadiomicGANError as exc:
-        print(f"radiomicgan: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # an output path the system refuses (a file in the way, no permission, too long)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"radiomicgan: error: {where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("radiomicgan: cancelled; no output written", file=sys.stderr)

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from .jobs import gradcam_paths, staging_name
 from .errors import CTInputError, RadiomicGANError
 from .io import (
     check_own_dicom_folder,
@@ -433,8 +434,7 @@ def cam_paths(cam_output: Path) -> tuple[Path, Path, Path]:
     suffix = image_suffix(cam_output)
     if not suffix:
         raise CTInputError(f"{cam_output}: Grad-CAM maps are written as .nrrd, .nii, .nii.gz or .mha")
-    stem = cam_output.name[: -len(suffix)]
-    return cam_output, cam_output.with_name(f"{stem}_input{suffix}"), cam_output.with_name(f"{stem}_windows.json")
+    return gradcam_paths(cam_output, suffix)
 
 
 def harmonize_file(
@@ -524,7 +524,7 @@ def _signals_deferred():
 def _staging_name(target: Path) -> Path:
     """A hidden sibling with the same format: same suffix for files, none for a DICOM folder."""
     suffix = image_suffix(target) or (target.suffix if target.suffix == ".json" else "")
-    return target.with_name(f".{target.name}-partial-{uuid.uuid4().hex[:8]}{suffix}")
+    return staging_name(target, suffix)
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -14,12 +14,12 @@ import math
 import os
 import pickle
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+from .jobs import staging_name
 from .errors import RadiomicGANError
 from .window import STANDARD_RANGE
 
@@ -68,7 +68,7 @@ def build_networks(card: dict):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -78,7 +78,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .jobs import staging_name
 from . import __version__
 from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
@@ -92,7 +92,7 @@ def simulate_phantom_pairs(
     if source_preset == target_preset:
         raise CTInputError(f"source and target kernel are both {source_preset.name}; a pair needs two kernels")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(out)
     tmp.mkdir()
     case_seeds = np.random.SeedSequence(seed).generate_state(cases)
     try:
@@ -193,7 +193,7 @@ def rekernel_folder_pairs(
         raise CTInputError(f"{folder}: no image files or DICOM series found")
     seeds = np.random.SeedSequence(seed).generate_state(len(scans))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(out)
     tmp.mkdir()
     try:
         entries = []

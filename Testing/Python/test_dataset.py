@@ -203,7 +203,7 @@ def test_simulate_command_pairs_from_a_folder_of_scans(tmp_path, capsys):
     assert main(["simulate", "--from", str(scans), "--pairs", str(tmp_path / "q")]) == 2
     assert main(["simulate", "--from", str(scans), "--kernel", "B50", "--pairs", str(tmp_path / "r")]) == 2
     assert "already a B50 scan" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial-*"))
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*partial*"))
 
 
 def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The Slicer modules' background work, without Slicer: the core's command line really runs as a subprocess
-(progress, warnings, cancel that kills the process tree and leaves nothing), results come back as MRML nodes
+(progress, warnings, a cancel that asks the core to stop over its standard input, then kills the process tree,
+never blocking, and leaves nothing), results come back as MRML nodes
 of slicer-core with their geometry, and the dependency logic asks once and installs the right things (the
 installers, PyTorchUtils and Slicer's pip, are the one allowed stand-in)."""
 
@@ -31,6 +32,9 @@ from RadiomicGANLib.harmonization import (  # noqa: E402
 from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, ijk_to_world, set_window, volume_from_node  # noqa: E402
 from RadiomicGANLib.process import (  # noqa: E402
     BackgroundProcess,
+    ExitCode,
+    Job,
+    JobStatus,
     core_command,
     parse_progress,
     python_command,
@@ -111,9 +115,51 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         time.sleep(0.05)
     child = int(process.lines[0].split()[1])
     assert alive(process.pid) and alive(child)
-    process.cancel()
-    assert not process.running and process.returncode is not None and process.returncode != 0
+    started = time.monotonic()
+    process.kill()  # returns at once; the exit is seen by a later poll
+    assert time.monotonic() - started < 2
+    assert process.wait(30) != 0 and not process.running
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not alive(process.pid) and not alive(child)
+
+
+class _Sleeper(Job):
+    """A job whose process ignores the stop request (a core stuck in native code, say)."""
+
+    grace_s = 0.5
+
+    def command(self):
+        return python_command() + ["-c", "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                                   "print('ready', flush=True); time.sleep(120)"]
+
+
+def test_a_job_that_ignores_the_stop_request_is_killed_by_a_later_poll_never_blocking():
+    job = _Sleeper().start()
+    deadline = time.monotonic() + 60
+    while "ready" not in job.process.lines:
+        assert job.poll() is JobStatus.RUNNING and time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    job.cancel()
+    assert job.poll() is JobStatus.RUNNING and time.monotonic() - started < 0.5  # asked; nothing waited for
+    assert job.wait(30) is JobStatus.CANCELLED and job.killed and job.exit_code != 0
+    assert not alive(job.process.pid)
+
+
+def test_job_status_and_exit_codes_are_the_cores_names():
+    """One contract: both sides use radiomicgan.jobs' names; 130 appears nowhere as a bare literal."""
+    import re
+
+    from radiomicgan import cli, jobs
+
+    assert cli.EXIT_CANCELLED is jobs.ExitCode.CANCELLED == 130 and cli.EXIT_USAGE is jobs.ExitCode.BAD_INPUT
+    for path in [*REPO.glob("RadiomicGANLib/*.py"), *REPO.glob("RadiomicGAN*/RadiomicGAN*.py"), REPO / "radiomicgan" / "cli.py"]:
+        text = path.read_text()
+        assert not re.search(r"(?<![\w.])130(?![\w.])", text), path.name
+        assert 'PROGRESS "' not in text and "gradcam_input.nrrd" not in text and 'partial-' not in text, path.name
+    assert [s.value for s in JobStatus] == ["running", "completed", "cancelled", "failed"]
 
 
 def test_harmonize_command_reports_progress_and_cancelled_mid_run_leaves_nothing(models, tmp_path):
@@ -127,15 +173,16 @@ def test_harmonize_command_reports_progress_and_cancelled_mid_run_leaves_nothing
 
     process = BackgroundProcess(core_command("harmonize", str(tmp_path / "scan.nrrd"), "--model", str(models / "gan"),
                                              "--out", str(out / "h.nrrd"), "--gradcam", str(out / "cam.nrrd"),
-                                             "--device", "cpu", "--progress-json"), on_output=on_output).start()
+                                             "--device", "cpu", "--progress-json", "--stop-on-stdin"), on_output=on_output).start()
     deadline = time.monotonic() + 300
     while not any(r["stage"] == "gradcam" for r in records):  # slices done, Grad-CAM maps running
         assert process.poll() is None, process.lines
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert records[0] == {"task": "harmonize", "stage": "harmonize", "done": 4, "total": 4, "fraction": 1.0}
-    process.cancel()  # SIGTERM: the core removes what it staged; renames into place are never cut in half
-    assert process.returncode != 0 or any(line.startswith("wrote") for line in process.lines), process.lines
+    process.ask_to_stop()  # a "stop" line on stdin: Ctrl-C's path, on Windows too; the core removes what it staged
+    code = process.wait(120)
+    assert code == ExitCode.CANCELLED or code == 0 and any(line.startswith("wrote") for line in process.lines), process.lines
     assert not alive(process.pid)
     left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     complete = sorted(["scan.nrrd", "h.nrrd", "cam.nrrd", "cam_input.nrrd", "cam_windows.json"])
@@ -180,8 +227,9 @@ def test_harmonize_job_wait_returns_nodes_with_the_input_geometry(models):
     before = slicer.util.arrayFromVolume(node).copy()
     lines = []
     job = HarmonizeJob(scene, node, models / "gan", device="cpu", th_fail=0.4, on_output=lines.append)
-    result = job.wait(300)
-    assert job.status == "completed" and job.progress == 1.0 and not job.workdir.exists()
+    assert job.wait(300) is JobStatus.COMPLETED and job.status == "completed" and job.exit_code == ExitCode.OK
+    result = job.result
+    assert job.progress == 1.0 and not job.workdir.exists()
     output, cam, windows = result
     assert output.GetName() == "scan_harmonized" and output.GetAttribute("RadiomicGAN.HarmonizedTo") == "B50"
     np.testing.assert_allclose(_matrix(output), _matrix(node), atol=1e-9)  # IJK-to-RAS kept
@@ -212,7 +260,9 @@ def test_harmonize_job_into_a_chosen_output_node(models):
     node = add_volume_node(scene, _oblique_scan(), "scan")
     target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    output, cam, windows = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=target).wait(300)
+    job = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=target)
+    assert job.wait(300) is JobStatus.COMPLETED
+    output, cam, windows = job.result
     assert output is target and cam is None and windows is None
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count  # no Grad-CAM for a filter model
     np.testing.assert_allclose(_matrix(target), _matrix(node), atol=1e-9)
@@ -238,7 +288,9 @@ def test_harmonize_job_result_of_a_transformed_input_shows_where_the_input_shows
     before = _matrix(node)
     chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen")
     for output_node in (None, chosen):
-        output, _, _ = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=output_node).wait(300)
+        job = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=output_node)
+        assert job.wait(300) == "completed"
+        output, _, _ = job.result
         assert output.GetTransformNodeID() == transform.GetID()
         np.testing.assert_allclose(ijk_to_world(output), ijk_to_world(node), atol=1e-9)
         assert not np.allclose(ijk_to_world(node), _matrix(node))  # the transform does move it
@@ -256,9 +308,12 @@ def test_harmonize_job_cancelled_mid_run_adds_nothing(models):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert job.progress == pytest.approx(0.5)
-    job.cancel()
-    assert job.status == "cancelled" and job.poll() == "cancelled" and not job.process.running
-    assert not alive(job.process.pid) and not job.workdir.exists()
+    started = time.monotonic()
+    job.cancel()  # asks and returns at once: the GUI thread never waits
+    assert time.monotonic() - started < 1 and job.poll() is JobStatus.RUNNING or job.status is JobStatus.CANCELLED
+    assert job.wait(60) is JobStatus.CANCELLED and job.poll() == "cancelled" and not job.process.running
+    assert job.exit_code == ExitCode.CANCELLED and not job.killed  # it stopped on the request, staged files removed
+    assert not alive(job.process.pid) and not job.workdir.exists() and job.result is None
     assert scene.GetNumberOfNodes() == count
 
 
@@ -281,9 +336,8 @@ def test_failed_job_reports_the_core_error_and_adds_nothing(models):
     node = add_volume_node(scene, _oblique_scan(), "scan")
     count = scene.GetNumberOfNodes()
     job = HarmonizeJob(scene, node, models / "gan", device="cuda:7")
-    with pytest.raises(RuntimeError) as info:
-        job.wait(300)
-    assert job.status == "failed" and "cuda" in str(info.value).lower() and scene.GetNumberOfNodes() == count
+    assert job.wait(300) is JobStatus.FAILED and job.exit_code == ExitCode.BAD_INPUT
+    assert "cuda" in job.error.lower() and scene.GetNumberOfNodes() == count
     assert not job.workdir.exists()
 
 
@@ -342,6 +396,22 @@ def test_declined_or_testing_mode_installs_nothing(monkeypatch):
     ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
                                                    testing=True, requirements=MISSING)
     assert not ok and asked == [] and pip == [] and torch.calls == [] and "testing mode" in message
+
+
+def test_pyradiomics_is_pip_installed_after_the_one_question_without_its_dependency_list(monkeypatch):
+    """No SlicerRadiomics (none for macOS): pyradiomics comes with pip, asked once with the rest, never with its
+    dependency list (it names SimpleITK, Slicer's own); its other dependencies beside it, numpy pinned."""
+    monkeypatch.setattr(dependencies, "RADIOMICS_MODULE", "radiomicgan_no_such_module")
+    monkeypatch.setattr(dependencies, "RADIOMICS_DEPENDENCIES", ("radiomicgan-no-such-dep>=1",))
+    asked, pip, torch = [], [], FakePyTorchUtilsLogic()
+    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
+                                                   need_radiomics=True)
+    assert len(asked) == 1 and "pyradiomics>=3.0" in asked[0] and "SlicerRadiomics" in asked[0]
+    numpy_pin = f"numpy=={importlib.metadata.version('numpy')}"
+    assert pip == [f"radiomicgan-no-such-dep>=1 {numpy_pin}", "pyradiomics>=3.0 --no-deps"], pip
+    assert torch.calls == [] and not ok and "Still missing" in message
+    ok, message = dependencies.ensure_dependencies(lambda text: True, pip.append, torch)  # not asked for: not needed
+    assert ok
 
 
 def test_never_simpleitk_and_no_pytorch_extension(monkeypatch):
