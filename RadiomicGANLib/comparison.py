@@ -82,6 +82,7 @@ class ComparisonRun(Job):
         self._command: list[str] | None = None
         self.progress, self.stage = 0.0, "starting"
         self.record: dict | None = None  # the core's last progress record
+        self.workers_text = ""  # how many worker processes the core measures with, and why (its first line)
         for name, node in candidates.items():  # voxels are compared index by index, whatever the views show
             if node.GetTransformNodeID() != reference_node.GetTransformNodeID():
                 self.warnings.append(f"{name}: under another transform than the reference {reference_node.GetName()}; "
@@ -153,6 +154,8 @@ class ComparisonRun(Job):
 
     def on_progress(self, record: dict) -> None:
         self.record, self.stage = record, record.get("stage", self.stage)
+        if "workers" in record:
+            self.workers_text = f"; {record['workers']} worker process{'es' if record['workers'] > 1 else ''}: {record.get('workers_reason', '')}"
         fraction = float(record.get("fraction", 0.0))
         self.progress = FEATURES_SHARE * fraction if self.stage == "features" else FEATURES_SHARE + (1 - FEATURES_SHARE) * fraction
 
@@ -173,7 +176,7 @@ class ComparisonRun(Job):
         record = self.record or {}
         if self.stage == "features":
             return (f"Radiomic features: {record.get('done', 0)} of {record.get('total', '?')} ROI measurements "
-                    f"({record.get('images', '?')} volumes x {record.get('rois', '?')} ROIs)")
+                    f"({record.get('images', '?')} volumes x {record.get('rois', '?')} ROIs{self.workers_text})")
         if self.stage == "report":
             return "Reproducibility (CCC) and the report..."
         if self.stage == "completed":

@@ -60,6 +60,14 @@ def _at_least(minimum: int):
     return parse
 
 
+def _memory_size(text: str) -> int:
+    """Bytes from '8G', '512M', '1.5GiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a size such as 8G or 512M")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -379,8 +387,15 @@ def cmd_evaluate(args) -> int:
                       f"in [{lo:g}, {hi:g}] HU", file=sys.stderr)
         if args.whole_image:
             rois += body_slice_rois(reference)
+    from .reproducibility import available_memory, plan_workers
+
     emit = _progress_lines(args.progress_json, "evaluate")
     images = 1 + len(candidates)
+    volume_bytes = sum(v.hu.nbytes for v in (reference, *candidates.values()))
+    workers, why = plan_workers(volume_bytes, images * len(rois), requested=args.workers, max_memory=args.max_memory,
+                                available=available_memory())
+    if not args.progress_json:
+        print(f"radiomicgan: note: {workers} worker process{'es' if workers > 1 else ''}: {why}", file=sys.stderr)
     with tqdm(desc="radiomic features", unit="ROI", disable=args.progress_json or not sys.stderr.isatty()) as bar:
         def progress(done, total):
             bar.total = total
@@ -391,8 +406,8 @@ def cmd_evaluate(args) -> int:
                 emit("report", 0, 1)
 
         if rois:
-            emit("features", 0, images * len(rois), images=images, rois=len(rois))
-        evaluation = evaluate(reference, candidates, rois, params=args.params, workers=args.workers, threshold=args.threshold,
+            emit("features", 0, images * len(rois), images=images, rois=len(rois), workers=workers, workers_reason=why)
+        evaluation = evaluate(reference, candidates, rois, params=args.params, workers=workers, threshold=args.threshold,
                               bootstrap=args.bootstrap, seed=args.seed, reference_name=args.reference_name, progress=progress)
     write_report(evaluation, out, {args.reference_name: reference, **candidates}, overwrite=args.overwrite)
     print(format_counts(evaluation.summary))
@@ -534,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--roi-slices", type=_at_least(1), default=3, help="slices of random ROIs (default 3)")
     ev.add_argument("--whole-image", action="store_true", help="also measure the whole body on every slice")
     ev.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
-    ev.add_argument("--workers", type=_at_least(1), help="processes (default one per core)")
+    ev.add_argument("--workers", type=_at_least(1),
+                    help="processes (default: one per core, as far as memory allows: each holds a copy of every volume)")
+    ev.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                    help="memory the worker processes may use together, e.g. 8G or 512M (default: what is available)")
     ev.add_argument("--threshold", type=_fraction, default=0.85, help="CCC above which a feature is reproducible")
     ev.add_argument("--bootstrap", type=_at_least(0), default=100, help="bootstrap resamples of the ROIs for mean +- SD")
     ev.add_argument("--reference-name", default="reference")

@@ -471,8 +471,9 @@ def test_comparison_reports_the_evaluate_progress_lines(comparison):
     assert records.index(features[-1]) == len(records) - 2
     progress = [p for _, p, _ in run.seen]
     assert all(a <= b for a, b in zip(progress, progress[1:])) and 0 < max(progress) < 1
-    assert any(stage == "features" and f"{total} of {total} ROI measurements (3 volumes x 21 ROIs)" in text
-               for stage, _, text in run.seen)
+    assert any(stage == "features" and f"{total} of {total} ROI measurements (3 volumes x 21 ROIs; 1 worker process: "
+               "1 as asked (--workers))" in text for stage, _, text in run.seen)
+    assert features[0]["workers"] == 1 and features[0]["workers_reason"] == "1 as asked (--workers)"
     assert run.progress == 1.0 and run.status_text() == "Comparison completed"
 
 
