@@ -26,7 +26,7 @@ from radiomicgan.metrics import psnr, ssim  # noqa: E402
 from radiomicgan.volume import CTVolume, CTMetadata  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "real-kernels"
-PARAMS_2D = REPO / "Resources" / "radiomics_ct_2d.yaml"
+PARAMS_2D = REPO / "radiomicgan" / "data" / "radiomics_ct_2d.yaml"
 RADIOMICGAN_SCHEDULES = {"radiomicgan-fixed": "fixed", "radiomicgan-dynamic": "dynamic", "radiomicgan-dwt": "dwt"}
 METHODS = ("input", "filter", "choe", "radiomicgan-none", *RADIOMICGAN_SCHEDULES)
 

@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--roi-size", type=_positive_float, default=10.0, help="in-plane size of random ROIs in mm (default 10)")
     ev.add_argument("--roi-slices", type=_at_least(1), default=3, help="slices of random ROIs (default 3)")
     ev.add_argument("--whole-image", action="store_true", help="also measure the whole body on every slice")
-    ev.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
+    ev.add_argument("--params", help="pyradiomics parameter file (default: radiomics_ct.yaml shipped in the package, radiomicgan/data)")
     ev.add_argument("--workers", type=_at_least(1),
                     help="processes (default: one per core, as far as memory allows: each holds a copy of every volume)")
     ev.add_argument("--max-memory", type=_memory_size, metavar="SIZE",

@@ -22,7 +22,8 @@ from .errors import RadiomicGANError
 from .phantom import LABELS as PHANTOM_LABELS
 from .volume import CTVolume
 
-DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "Resources" / "radiomics_ct.yaml"
+# Package data (pyproject's package-data; RESOURCES beside the scripts in Slicer), so an installed wheel finds it.
+DEFAULT_PARAMS = Path(__file__).resolve().parent / "data" / "radiomics_ct.yaml"
 PAPER_RANGES = ((-800.0, -300.0), (-100.0, 250.0), (300.0, 800.0))
 CCC_THRESHOLD = 0.85
 MIN_FRACTION = 0.8  # share of a random box's voxels that must be in its HU range (or tissue)
