@@ -62,13 +62,15 @@ def read_slice(path: Path) -> tuple[np.ndarray, float, str]:
 def load_domain(name: str, data: Path) -> dict | None:
     """{'kernels': (source, target), 'spacing': mm, 'slices': {slice name: (source HU, target HU)}}, or None."""
     if name == "siemens":
-        folder = data / "real-kernels"
+        folder = data if (data / "test1_B30.mha").is_file() else data / "real-kernels"  # the folder itself, or its parent
         files = {"test1": (folder / "test1_B30.mha", folder / "test1_B50.mha")}
         kernels = ("B30f", "B50f")  # the MetaImage files carry no tag
+        presets = ("B30", "B50")  # what simulated extra pairs use (--extra-pairs)
     elif name == "toshiba":
-        folder = data / "real-kernels-toshiba"
+        folder = next((f for f in (data / "real-kernels-toshiba", data.parent / "real-kernels-toshiba") if f.is_dir()), data)
         files = {f"slice{int(n)}": (folder / "sharp_FC51" / f"{n}.DCM", folder / "soft_FC13" / f"{n}.DCM") for n in ("00000002", "00000016")}
         kernels = None  # from the DICOM tags
+        presets = ("B50", "B30")  # no preset is fitted on Toshiba's kernels: the Siemens ones of like sharpness
     else:
         raise SystemExit(f"unknown domain '{name}'")
     if not all(f.is_file() for pair in files.values() for f in pair):
@@ -77,7 +79,7 @@ def load_domain(name: str, data: Path) -> dict | None:
     for key, (s, t) in files.items():
         (src, spacing, s_tag), (tgt, _, t_tag) = read_slice(s), read_slice(t)
         slices[key], tags = (src, tgt), (s_tag, t_tag)
-    return {"kernels": kernels or tags, "spacing": spacing, "slices": slices}
+    return {"kernels": kernels or tags, "presets": presets, "spacing": spacing, "slices": slices}
 
 
 def where_text(where) -> str:
@@ -96,15 +98,27 @@ def as_volume(hu: np.ndarray, spacing: float, kernel: str, what: str) -> CTVolum
     return CTVolume(hu[None].copy(), spacing=(spacing, spacing, 1.0), meta=CTMetadata(kernel=kernel), source=what)
 
 
-def write_pairs(folder: Path, source: CTVolume, target: CTVolume, kernels) -> Path:
+def write_pairs(folder: Path, source: CTVolume, target: CTVolume, kernels, extra: int = 0, presets=None) -> Path:
+    """The training region as a pairs set; with ``extra``, that many more pairs re-kernelled from the training
+    target (its anatomy with new noise, as `radiomicgan simulate --pairs` makes them). The real pair is listed
+    first and last: the trainer validates on the last pair and trains on the others."""
     from radiomicgan.dataset import manifest_entry, write_manifest
     from radiomicgan.io import write_volume
+    from radiomicgan.kernels import get_preset, rekernel
 
     folder.mkdir(parents=True, exist_ok=True)
     write_volume(source, folder / "train_source.nrrd", overwrite=True)
     write_volume(target, folder / "train_target.nrrd", overwrite=True)
-    return write_manifest(folder, [manifest_entry("train", "train_source.nrrd", "train_target.nrrd", *kernels)],
-                          {"what": "the training region of a real slice pair (bench/real_slice.py)"})
+    real = manifest_entry("train", "train_source.nrrd", "train_target.nrrd", *kernels)
+    entries = [real]
+    for k in range(extra):
+        simulated = rekernel(target.hu, target.spacing[:2], get_preset(presets[1]), get_preset(presets[0]), seed=100 + k)
+        write_volume(target.with_hu(simulated, kernel=kernels[0]), folder / f"extra{k}_source.nrrd", overwrite=True)
+        entries.append(manifest_entry(f"extra{k}", f"extra{k}_source.nrrd", "train_target.nrrd", *kernels))
+    if extra:
+        entries.append({**real, "id": "train-validation"})
+    return write_manifest(folder, entries, {"what": "the training region of a real slice pair (bench/real_slice.py)",
+                                            "extra_pairs": extra})
 
 
 def train_config(method: str, seed: int, args):
@@ -157,8 +171,9 @@ def run_domain(name: str, domain: dict, args, out: Path) -> dict:
     source = as_volume(eval_s, spacing, source_kernel, f"{name} {args.split} evaluation {source_kernel}")
     target = as_volume(eval_t, spacing, target_kernel, f"{name} {args.split} evaluation {target_kernel}")
     base = out / name / args.split
-    manifest = write_pairs(base / "pairs", as_volume(train_s, spacing, source_kernel, "train source"),
-                           as_volume(train_t, spacing, target_kernel, "train target"), (source_kernel, target_kernel))
+    manifest = write_pairs(base / f"pairs-extra{args.extra_pairs}", as_volume(train_s, spacing, source_kernel, "train source"),
+                           as_volume(train_t, spacing, target_kernel, "train target"), (source_kernel, target_kernel),
+                           args.extra_pairs, domain["presets"])
     label = f" {args.label}" if args.label else ""
     images, rows = {}, []
     for method in args.methods:
@@ -167,7 +182,7 @@ def run_domain(name: str, domain: dict, args, out: Path) -> dict:
             if method == "input":
                 image, seconds = eval_s, 0.0
             else:
-                image, seconds = run_method(method, seed, manifest, base / "models" / f"{method}{args.label and '-' + args.label}-s{seed}", source, args)
+                image, seconds = run_method(method, seed, manifest, base / "models" / f"{method}{args.label and '-' + args.label}{args.extra_pairs and f'-x{args.extra_pairs}' or ''}-s{seed}", source, args)
             images[key] = image
             rows.append({"domain": name, "method": method + label, "seed": seed, "psnr_db": psnr(eval_t, image),
                          "ssim": ssim(eval_t, image), "train_seconds": seconds})
@@ -225,6 +240,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="feature-extraction processes")
     parser.add_argument("--label", default="", help="a name for a variant (with --config), added to the method names")
     parser.add_argument("--config", default="{}", help="extra TrainConfig fields as JSON, for variants")
+    parser.add_argument("--extra-pairs", type=int, default=0, help="train on this many simulated pairs more, re-kernelled "
+                        "from the training target (new noise, same anatomy)")
     parser.add_argument("--out", type=Path, default=None, help="folder for models, images, summary.json and table.md")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -240,7 +257,8 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()})"
     budget = (f"{args.epochs} epochs x {args.steps_per_epoch} steps of batch {args.batch}, {args.crop}x{args.crop} crops, "
-              f"VGG {args.vgg_weights}" + (f", config {args.config}" if args.config != "{}" else ""))
+              f"VGG {args.vgg_weights}" + (f", config {args.config}" if args.config != "{}" else "")
+              + (f", {args.extra_pairs} simulated pairs more" if args.extra_pairs else ""))
     results, text = {}, []
     for name in [d.strip() for d in args.domains.split(",") if d.strip()]:
         domain = load_domain(name, args.data)
