@@ -36,7 +36,7 @@ from .io import (
     write_map,
     write_volume,
 )
-from .kernels import preset_for_tag
+from .kernels import same_kernel
 from .modelio import LoadedModel, load_model, resolve_device
 from .volume import CTVolume
 
@@ -375,13 +375,12 @@ def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), devi
 
 
 def check_kernel(volume: CTVolume, model: LoadedModel) -> str | None:
-    """A warning text when the scan's kernel tag is not the model's source kernel (never an error: tags vary)."""
+    """A warning text when the scan's kernel tag does not name the model's source kernel (never an error: tags
+    vary). Compared by name, any vendor (FC51 = FC51, B30f = B30); Siemens tags near one preset count as one."""
     source = model.card.get("source_kernel", "")
-    expected = preset_for_tag(source) or None
-    found = preset_for_tag(volume.meta.kernel)
     if not volume.meta.kernel:
         return f"{volume.source}: no ConvolutionKernel tag; the model converts {source} images"
-    if expected is not None and found != expected:
+    if source and not same_kernel(volume.meta.kernel, source):
         return f"{volume.source}: kernel '{volume.meta.kernel}' differs from the model's source kernel '{source}'; results may not be valid"
     return None
 
