@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 import warnings
@@ -201,6 +202,10 @@ def _discover_files(files: list[Path], root: Path, min_slices: int) -> list[Scan
             scans.append(_skip(Scan(id=_relative(path, root), source=str(path), files=[str(path)]),
                                f"unreadable: {str(exc).split(': ', 1)[-1]}"))
             continue
+        if ds is not None and "PixelData" not in ds and ("Rows" in ds or _image_storage(ds)):
+            scans.append(_skip(Scan(id=_relative(path, root), source=str(path), files=[str(path)]),
+                               "unreadable: an image header without pixel data (truncated file?)"))
+            continue
         if ds is None or "PixelData" not in ds:
             continue  # not DICOM, or no image (a report, a presentation state)
         series.setdefault(str(ds.get("SeriesInstanceUID", "")) or f"no-uid:{path.parent}", []).append((path, ds))
@@ -216,6 +221,12 @@ def _discover_files(files: list[Path], root: Path, min_slices: int) -> list[Scan
             scan_id = f"{scan_id}/series{ds.get('SeriesNumber', '') or ''}_{uid.replace('.', '')[-8:]}".replace("./", "")
         scans.append(_dicom_scan(scan_id, folder, members, min_slices))
     return scans
+
+
+def _image_storage(ds) -> bool:
+    """The file says it holds an image (its SOP class), whatever is left of it."""
+    uid = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "")
+    return "Image Storage" in str(getattr(uid, "name", ""))
 
 
 def _dicom_scan(scan_id: str, folder: Path, members: list, min_slices: int) -> Scan:
@@ -358,6 +369,20 @@ def atomic_write(path: Path, text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_PARTIAL = re.compile(r"^\..+[.-](partial|old)-[0-9a-f]{8}")
+
+
+def clean_partials(out: Path) -> list[Path]:
+    """Remove what a killed run left staged (hidden ``.NAME.partial-XXXXXXXX`` and ``.old-`` files and folders) under
+    the output folder; called under the lock, when no other run can be writing there."""
+    removed = []
+    for path in sorted(Path(out).rglob(".*"), key=lambda p: len(p.parts)):
+        if _PARTIAL.match(path.name) and (path.is_file() or path.is_dir()) and path.exists():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+    return removed
 
 
 def marker_path(out: Path, scan_id: str) -> Path:
@@ -560,8 +585,10 @@ def process_scan(scan: Scan, settings: Settings, hashes: dict) -> dict:
             row["warnings"] = "; ".join(filter(None, [row["warnings"], *flags]))
     record = {"format": MARKER_FORMAT, "scan": scan.id, **hashes, "row": row, "features": features}
     if preview is not None:
-        np.savez_compressed(_preview_staging(out, scan.id), input=preview[0].astype(np.int16), result=np.rint(preview[1]).astype(np.int16))
-        os.replace(_preview_staging(out, scan.id), preview_path(out, scan.id))
+        staging = _preview_staging(out, scan.id)
+        with open(staging, "wb") as fh:
+            np.savez_compressed(fh, input=preview[0].astype(np.int16), result=np.rint(preview[1]).astype(np.int16))
+        os.replace(staging, preview_path(out, scan.id))
     atomic_write(marker_path(out, scan.id), json.dumps(record, default=_json_default) + "\n")  # last: the scan is done
     return record
 
@@ -573,7 +600,7 @@ def preview_path(out: Path, scan_id: str) -> Path:
 def _preview_staging(out: Path, scan_id: str) -> Path:
     final = preview_path(out, scan_id)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return final.with_name(f".{final.stem}.partial.npz")
+    return final.with_name(f".{final.stem}.partial-{uuid.uuid4().hex[:8]}.npz")
 
 
 def _json_default(value):
@@ -696,6 +723,9 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
         dist.close()
         raise RadiomicGANError(error)
     try:
+        if dist.rank == 0:
+            clean_partials(out)
+        dist.barrier()
         scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
         if rois == "labels" and not any(s.roi for s in scans):
             raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
