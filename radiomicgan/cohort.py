@@ -435,6 +435,7 @@ class Settings:
 
 
 _HARMONIZER: dict = {}
+_PRELOADED: dict = {}
 
 
 def _harmonizer(settings: Settings):
@@ -443,7 +444,8 @@ def _harmonizer(settings: Settings):
     key = (settings.model, settings.device, settings.batch)
     if key not in _HARMONIZER:
         _HARMONIZER.clear()
-        _HARMONIZER[key] = Harmonizer(settings.model, device=settings.device, batch=settings.batch, precision="fp32"
+        model = _PRELOADED.pop(settings.model, None) or settings.model  # loaded once by run_cohort when in-process
+        _HARMONIZER[key] = Harmonizer(model, device=settings.device, batch=settings.batch, precision="fp32"
                                       if settings.device == "cpu" else "auto")
     return _HARMONIZER[key]
 
@@ -709,7 +711,8 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
     check_writable(out)
     if rois not in ("none", "labels", "ranges"):
         raise RadiomicGANError(f"--rois {rois}: expected none, labels or ranges")
-    card = load_model(model).card  # refuses a bad model folder before any work
+    loaded = load_model(model)  # refuses a bad model folder before any work
+    card = loaded.card
     dist = _Distributed()
     lock = CohortLock(out) if dist.rank == 0 else None
     error = None
@@ -750,6 +753,9 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
             log(f"{len(scans)} series found: {len(work)} to harmonize or measure, {skipped} skipped; "
                 f"{done_before if not dist.active else 'per-rank'} already done" + (f"; {why}" if pending else ""))
         settings.threads = max(1, (os.cpu_count() or 1) // count)
+        _PRELOADED.clear()
+        if count <= 1 or len(pending) <= 1:  # processed here: the model loaded above serves
+            _PRELOADED[settings.model] = loaded
         _run_pending(pending, settings, hashes, count, progress, show_bar and dist.rank == 0, dist)
         dist.barrier()
         result = None

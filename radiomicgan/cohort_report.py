@@ -51,13 +51,15 @@ def _qa_plot(rows: list[dict]) -> str | None:
                 values = [v for r in done if (v := _number(r.get(k))) is not None]
                 if values:
                     ax.hist(values, bins=12, range=(0, 1), alpha=0.6, label=label)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         elif key == "outline_shift_body_px":
             for k, label in (("outline_shift_body_px", "body"), ("outline_shift_lung_px", "lung")):
                 values = [v for r in done if (v := _number(r.get(k))) is not None]
                 if values:
                     ax.hist(values, bins=12, alpha=0.6, label=label)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         else:
             values = [v for r in done if (v := _number(r.get(key))) is not None]
             if values:

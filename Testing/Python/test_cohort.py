@@ -48,6 +48,15 @@ def model(tmp_path_factory):
     return root / "model"
 
 
+@pytest.fixture(scope="module")
+def filter_model(tmp_path_factory):
+    """The closed-form filter (B30 -> B50): fitted in a second, harmonizes in milliseconds."""
+    root = tmp_path_factory.mktemp("cohort_filter")
+    simulate_phantom_pairs(root / "pairs", cases=1, size=32, slices=2, seed=3)
+    train(root / "pairs", root / "model", TrainConfig(method="filter"), progress=False)
+    return root / "model"
+
+
 def _phantom(seed, kernel="B30"):
     source, target, labels = phantom_pair(size=32, slices=4, seed=seed)
     return (source if kernel == "B30" else target).hu, labels
@@ -150,9 +159,9 @@ def test_cohort_run_qa_rows_outputs_and_inputs_untouched(tree, model, tmp_path):
     assert not [p for p in out.rglob(".*") if p.name != ".cohort.lock"]  # nothing half-written
 
 
-def test_csv_with_rois_gives_features_for_input_and_result(tree, model, tmp_path):
+def test_csv_with_rois_gives_features_for_input_and_result(tree, filter_model, tmp_path):
     out = tmp_path / "out"
-    result = run_cohort(tree.parent / "cohort.csv", model, out, device="cpu", workers=1, rois="labels", params=str(PARAMS), log=None)
+    result = run_cohort(tree.parent / "cohort.csv", filter_model, out, device="cpu", workers=1, rois="labels", params=str(PARAMS), log=None)
     assert result.failed == 0
     rows = {r["scan"]: r for r in result.rows}
     assert rows["study/patient2/b30"]["rois"] > 0 and rows["study/patient1/b30"]["rois"] == 0
@@ -167,10 +176,10 @@ def test_csv_with_rois_gives_features_for_input_and_result(tree, model, tmp_path
     assert any(abs(mean[("input", r)] - mean[("result", r)]) > 0 for r in labels)  # features of two different images
 
 
-def test_lock_refuses_a_second_run(tree, model, tmp_path, capsys):
+def test_lock_refuses_a_second_run(tree, filter_model, tmp_path, capsys):
     out = tmp_path / "out"
     with CohortLock(out):
-        code = main(["cohort", str(tree), "--model", str(model), "--out", str(out), "--device", "cpu"])
+        code = main(["cohort", str(tree), "--model", str(filter_model), "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another cohort run" in err[0]
     assert not (out / "qa.csv").exists()
@@ -193,9 +202,9 @@ def _comparable(out: Path):
     return rows, volumes
 
 
-def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, model):
-    tree = _kill_tree(tmp_path, 6)
-    command = [sys.executable, "-m", "radiomicgan.cli", "cohort", str(tree), "--model", str(model), "--device", "cpu",
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, filter_model):
+    tree = _kill_tree(tmp_path, 8)
+    command = [sys.executable, "-m", "radiomicgan.cli", "cohort", str(tree), "--model", str(filter_model), "--device", "cpu",
                "--workers", "1"]
     out = tmp_path / "killed"
     process = subprocess.Popen(command + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -205,28 +214,52 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, mo
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = {p: p.stat().st_mtime_ns for p in (out / "markers").glob("*.json")}
-    assert 1 <= len(finished) < 6, "the kill must land in the middle of the run"
+    assert 1 <= len(finished) < 8, "the kill must land in the middle of the run"
     assert not (out / "qa.csv").exists()
-    subprocess.run(command + ["--out", str(out)], env=ENV, check=True, capture_output=True)
+    assert main(command[3:] + ["--out", str(out)]) == 0  # the same command again, here
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished scans were not redone
-    assert len(list((out / "markers").glob("*.json"))) == 6
+    assert len(list((out / "markers").glob("*.json"))) == 8
     assert not [p for p in out.rglob(".*") if p.name != ".cohort.lock"]  # what the kill left staged is gone
     reference = tmp_path / "uninterrupted"
-    subprocess.run(command + ["--out", str(reference)], env=ENV, check=True, capture_output=True)
+    assert main(command[3:] + ["--out", str(reference)]) == 0
     rows, volumes = _comparable(out)
     rows_ref, volumes_ref = _comparable(reference)
-    assert rows == rows_ref and len(volumes) == 6
+    assert rows == rows_ref and len(volumes) == 8
     for scan_id, hu in volumes.items():
         np.testing.assert_array_equal(hu, volumes_ref[scan_id])
-    # a changed model invalidates every marker: the scans are redone
-    marker = json.loads(marker_path(out, "p0").read_text())
-    assert marker["input_hash"] and marker["model_hash"] and marker["settings_hash"]
 
 
-def test_torchrun_two_cpu_processes_give_the_same_report(tmp_path, model):
+def test_markers_tie_results_to_input_model_and_settings(tmp_path, filter_model):
+    import shutil
+
+    tree = _kill_tree(tmp_path, 2)
+    out = tmp_path / "out"
+    run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    stamp = lambda: {p.name: p.stat().st_mtime_ns for p in (out / "markers").glob("*.json")}  # noqa: E731
+    first = stamp()
+    run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    assert stamp() == first  # nothing redone
+    other = tmp_path / "other_model"
+    shutil.copytree(filter_model, other)
+    card = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**card, "note": "another model"}))
+    run_cohort(tree, other, out, device="cpu", workers=1, log=None, report=False)
+    second = stamp()
+    assert all(second[name] != first[name] for name in first)  # another model: every scan redone
+    hu = read_volume(tree / "p1").hu
+    _series(tree / "p1", hu + 1.0, "B30f")  # the input changed (same file names, new pixels)
+    run_cohort(tree, other, out, device="cpu", workers=1, log=None, report=False)
+    third = stamp()
+    changed = {name for name in second if third[name] != second[name]}
+    assert changed == {marker_path(out, "p1").name}
+    marker = json.loads(marker_path(out, "p1").read_text())
+    assert marker["scan"] == "p1" and len(marker["input_hash"]) == len(marker["model_hash"]) == 64
+
+
+def test_torchrun_two_cpu_processes_give_the_same_report(tmp_path, filter_model):
     tree = _kill_tree(tmp_path, 3)
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["cohort", str(tree), "--model", str(model), "--device", "cpu", "--workers", "1"]
+    args = ["cohort", str(tree), "--model", str(filter_model), "--device", "cpu", "--workers", "1"]
     assert main(args + ["--out", str(one)]) == 0
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     "-m", "radiomicgan.cli", *args, "--out", str(two)], env=ENV, check=True, capture_output=True, timeout=240)
