@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	# pyradiomics ships as an sdist that only builds against the installed numpy (no build isolation)
 	$(BIN)/python -m pip install --quiet numpy versioneer setuptools wheel
 	$(BIN)/python -m pip install --quiet --no-build-isolation pyradiomics
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# ComBat for cohort mode: neuroHarmonize and neuroCombat without their numpy<2 pin (see pyproject's combat extra)
+	$(BIN)/python -m pip install --quiet --no-deps "neuroHarmonize==2.5.2" "neuroCombat==0.2.12"
+	$(BIN)/python -m pip install --quiet -e ".[test,combat]"
 	touch $@
 
 demo: $(VENV)/.installed

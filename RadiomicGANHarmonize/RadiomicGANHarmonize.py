@@ -113,6 +113,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer.setInterval(250)
         self._timer.connect("timeout()", self.onPoll)
 
+        self.cohortSection = CohortSection(self)  # a section of its own (Resources/UI/RadiomicGANHarmonizeCohort.ui)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.layout.addStretch(1)
@@ -122,6 +123,8 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def cleanup(self):
         self.removeObservers()
+        if getattr(self, "cohortSection", None) is not None:
+            self.cohortSection.cleanup()
         if self._timer is not None:
             self._timer.stop()
         if self._job is not None and self._job.running:  # never leave a process behind when Slicer closes
@@ -269,6 +272,79 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.statusLabel.text = f"Created {node.GetName()}"
 
 
+class CohortSection:
+    """The panel's Cohort section: input folder, model, output folder, Start/Cancel, progress, the QA table as a
+    table node, Open report. Kept apart from the single-volume controls; the work is ``logic.processCohort``."""
+
+    def __init__(self, widget):
+        import qt
+
+        self.widget = widget
+        uiWidget = slicer.util.loadUI(widget.resourcePath("UI/RadiomicGANHarmonizeCohort.ui"))
+        widget.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.job = None
+        self._report = None
+        self.ui.cohortStartButton.connect("clicked(bool)", self.onStartOrCancel)
+        self.ui.cohortReportButton.connect("clicked(bool)", self.onOpenReport)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(500)
+        self.timer.connect("timeout()", self.onPoll)
+
+    def cleanup(self):
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+
+    def onStartOrCancel(self):
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self._finish()
+            return
+        ok, message = self.widget.logic.ensureDependencies()
+        if not ok:
+            slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+            return
+        with slicer.util.tryWithErrorDisplay("The cohort run could not start.", waitCursor=True):
+            self.job = self.widget.logic.processCohort(self.ui.cohortInputPathLineEdit.currentPath,
+                                                      self.ui.cohortModelPathLineEdit.currentPath,
+                                                      self.ui.cohortOutputPathLineEdit.currentPath, waitForCompletion=False)
+        if self.job is None:
+            return
+        self.ui.cohortStartButton.text = "Cancel"
+        self.ui.cohortProgressBar.value = 0
+        self.ui.cohortStatusLabel.text = "Listing the series..."
+        self.timer.start()
+
+    def onPoll(self):
+        status = self.job.poll()
+        self.ui.cohortProgressBar.value = int(100 * self.job.progress)
+        self.ui.cohortStatusLabel.text = self.job.status_text()
+        if status != "running":
+            self._finish()
+
+    def _finish(self):
+        self.timer.stop()
+        job, self.job = self.job, None
+        self.ui.cohortStartButton.text = "Start"
+        self.ui.cohortStatusLabel.text = job.status_text()
+        if job.status == "completed":
+            node = self.widget.logic.cohortTable(job, self.ui.cohortTableSelector.currentNode())
+            self.ui.cohortTableSelector.setCurrentNode(node)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            self.ui.cohortProgressBar.value = 100
+        elif job.status == "failed":
+            slicer.util.errorDisplay(f"The cohort run failed:\n{job.error}", windowTitle="RadiomicGAN Harmonize")
+        self.ui.cohortReportButton.enabled = job.report.is_file()
+        self._report = job.report
+
+    def onOpenReport(self):
+        import qt
+
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self._report)))
+
+
 def ensureDependencies(layout=None, needRadiomics=False):
     """Ask once and install what is missing (torch through the PyTorch extension, the rest with pip); shared by
     the RadiomicGAN modules. Returns True when everything is there; otherwise tells the user why not."""
@@ -320,6 +396,36 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
         if status is not JobStatus.COMPLETED:
             raise RuntimeError(job.error or f"harmonization {status.value}")
         return job.result
+
+    def processCohort(self, folder, model, outFolder, waitForCompletion=True, device="auto", rois="none", workers=None,
+                      params=None, tableNode=None, onOutput=None, scene=None):
+        """Harmonize and measure every CT series under ``folder`` (or listed in a CSV) into ``outFolder`` with the
+        core's ``radiomicgan cohort`` in a background process; a rerun on the same output resumes.
+
+        ``waitForCompletion``: wait, put the QA rows into a table node (``tableNode`` or a new one) and return the
+        finished ``CohortJob`` (``job.rows``, ``job.failed``, ``job.report``, ``job.tableNode``), or raise RuntimeError
+        with the core's message; otherwise return the running job at once (``poll()``, ``progress``, ``status_text()``,
+        ``cancel()``, ``wait()``; then ``logic.cohortTable(job)``)."""
+        from RadiomicGANLib.cohort import CohortJob
+
+        for value, what in ((folder, "an input folder or CSV"), (model, "a model folder"), (outFolder, "an output folder")):
+            if not value or not str(value).strip():
+                raise ValueError(f"Select {what}.")
+        job = CohortJob(folder, model, outFolder, device=device, rois=rois, workers=workers, params=params, on_output=onOutput)
+        if not waitForCompletion:
+            return job
+        with slicer.util.WaitCursor():
+            job.wait()
+        self.cohortTable(job, tableNode, scene)
+        return job
+
+    @staticmethod
+    def cohortTable(job, tableNode=None, scene=None):
+        """The finished job's QA rows in a table node (refilled when given); also kept as ``job.tableNode``."""
+        from RadiomicGANLib.cohort import qa_table_node
+
+        job.tableNode = qa_table_node(scene or slicer.mrmlScene, job.rows, "Cohort QA", tableNode)
+        return job.tableNode
 
     @staticmethod
     def dicomKernel(node):

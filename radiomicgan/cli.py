@@ -324,6 +324,23 @@ def cmd_harmonize(args) -> int:
     return 0
 
 
+def cmd_cohort(args) -> int:
+    """Harmonize and measure a whole study folder or CSV of scans (see radiomicgan.cohort)."""
+    from .cohort import exit_status, run_cohort
+    from .cohort_stats import format_batch_effect
+
+    emit = _progress_lines(args.progress_json, "cohort")
+    result = run_cohort(args.input, args.model, args.out, device=args.device, batch=args.batch, workers=args.workers,
+                        rois=args.rois, params=args.params, per_range=args.per_range, min_slices=args.min_slices,
+                        th_fail=args.th_fail, seed=args.seed, combat_train_fraction=args.combat_train_fraction,
+                        progress=emit, show_bar=not args.progress_json and sys.stderr.isatty())
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if result.summary.get("batch_effect"):
+        print(format_batch_effect(result.summary["batch_effect"]))
+    return exit_status(result.failed)
+
+
 def _parse_range(text: str) -> tuple[float, float]:
     lo, sep, hi = text.partition(":")
     try:
@@ -562,6 +579,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
     ev.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     ev.set_defaults(func=cmd_evaluate)
+
+    co = sub.add_parser("cohort", help="harmonize and measure every CT series of a study folder or CSV (resumable)")
+    co.add_argument("input", help="folder of DICOM studies (any depth) or images, or a CSV with columns path[, roi][, batch]")
+    co.add_argument("--model", required=True, help="model folder made by `radiomicgan train`")
+    co.add_argument("--out", required=True, help="output folder: harmonized/ (mirrored tree), qa.csv, features.csv, "
+                    "cohort.json, report.html; rerun the same command to resume")
+    co.add_argument("--rois", choices=["none", "labels", "ranges"], default="none",
+                    help="pyradiomics features of input and result: labels (the CSV's roi label maps), ranges (random "
+                         "boxes per HU range) or none (default)")
+    co.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
+    co.add_argument("--per-range", type=_at_least(1), default=5, help="random boxes per HU range with --rois ranges")
+    co.add_argument("--min-slices", type=_at_least(1), default=3, help="series with fewer slices are skipped (default 3)")
+    co.add_argument("--workers", type=_at_least(1), help="processes (default: one per core, fewer when memory is short)")
+    co.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)")
+    co.add_argument("--batch", type=_at_least(1), help="slices per batch")
+    co.add_argument("--th-fail", type=_fraction, default=0.5, help="CAM value that marks a hot spot (default 0.5)")
+    co.add_argument("--combat-train-fraction", type=_fraction, default=0.5,
+                    help="share of the patients ComBat learns on (applied to the rest; default 0.5)")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--progress-json", action="store_true",
+                    help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar")
+    co.set_defaults(func=cmd_cohort)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")

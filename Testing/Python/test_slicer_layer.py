@@ -182,8 +182,8 @@ def test_core_imports_nothing_from_slicer():
 def test_module_ui_has_every_widget_the_module_uses(module):
     source = (REPO / module / f"{module}.py").read_text()
     compile(source, module, "exec")
-    ui = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
-    names = {w.get("name") for w in ui.iter("widget")}
+    # the module's .ui and its sections' (e.g. RadiomicGANHarmonizeCohort.ui, loaded by the cohort section)
+    names = {w.get("name") for path in (REPO / module / "Resources" / "UI").glob(f"{module}*.ui") for w in ET.parse(path).iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used and used <= names, used - names
 
