@@ -73,6 +73,7 @@ class TrainConfig:
     lr_decay: bool = True  # pix2pix: constant for the first half of the steps, then linearly to zero
     lambda_l1: float = 100.0
     adversarial_warmup: int = 0  # first steps with the L1 loss only (the discriminator trains meanwhile)
+    contrast_jitter: float = 0.0  # training crops' HU scaled about air by 1 +- this (SliceSampler); 0: off
     window_scaling: str = "fixed"  # "window" (the paper's min-max per window) or "fixed" (over hu_range)
     consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
     th_acc: float = 0.5
@@ -105,6 +106,8 @@ class TrainConfig:
             raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
         if not 0.0 <= self.growing_share <= 1.0:
             raise TrainingError(f"growing share must be a fraction in [0, 1], got {self.growing_share}")
+        if not 0.0 <= self.contrast_jitter < 1.0:
+            raise TrainingError(f"contrast jitter must be a fraction in [0, 1), got {self.contrast_jitter}")
         if not 0.0 <= self.consolidate < 1.0:
             raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
         if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
@@ -351,7 +354,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         if dist.main:
             _prepare_output(out, resume, config)
         train_set, val, val_label = _split(manifest, config.val_slices)
-        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
         for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
             if min(source.shape[1:]) < MIN_GAN_CROP:
                 raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "

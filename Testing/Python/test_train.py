@@ -278,3 +278,11 @@ def test_adversarial_warmup_trains_the_generator_on_l1_alone():
     assert warm["loss_g"] == pytest.approx(config.lambda_l1 * warm["l1"], rel=1e-6) and warm["loss_d"] > 0
     full = train_step(config, g, d, opt_g, opt_d, x, y, contextlib.nullcontext(), F, adversarial=True)
     assert full["loss_g"] > config.lambda_l1 * full["l1"] + 0.1  # the adversarial term is back
+
+
+def test_contrast_jitter_is_a_checked_training_option(pairs, tmp_path):
+    with pytest.raises(TrainingError, match="contrast jitter"):
+        TrainConfig(contrast_jitter=1.5).check()
+    card = train(pairs, tmp_path / "m", tiny(method="choe", schedule="none", epochs=1, steps_per_epoch=2, contrast_jitter=0.2),
+                 progress=False)
+    assert card["config"]["contrast_jitter"] == 0.2 and card["training"]["status"] == "completed"
