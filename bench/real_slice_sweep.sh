@@ -44,6 +44,7 @@ for split in ${SWEEP_SPLITS:-dev test}; do
         run dev share-eighth radiomicgan-dwt '{"growing_share": 0.125}' &
         run dev frozen-encoder radiomicgan-dwt '{"finetune_vgg": false}' &
         run dev paper-scaling radiomicgan-dwt '{"window_scaling": "window"}' &
+        run dev focus radiomicgan-dwt,radiomicgan-fixed,radiomicgan-dynamic '{"window_scaling": "focus"}' &
         run dev extra4 radiomicgan-dwt,radiomicgan-none '{}' --extra-pairs 4 &
         run dev contrast radiomicgan-dwt,radiomicgan-none '{"contrast_jitter": 0.2}' &
         wait
