@@ -61,8 +61,9 @@ def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str 
     if not source.same_geometry(target):
         raise ValueError(f"{source_node.GetName()} and {target_node.GetName()} must be the same scan on the same grid "
                          f"(shapes {source.shape} and {target.shape})")
-    source_kernel = source_kernel or source.meta.kernel or "source"
-    target_kernel = target_kernel or target.meta.kernel or "target"
+    # unnamed and untagged stays empty (not a placeholder a scan's tag would then be compared with)
+    source_kernel = source_kernel or source.meta.kernel.split("\\")[0].strip()
+    target_kernel = target_kernel or target.meta.kernel.split("\\")[0].strip()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_volume(source, folder / "pair0_source.nrrd", overwrite=True)

@@ -9,7 +9,9 @@
 # beside it). SWEEP_SPLITS (default "dev test"): dev = the variants, PSNR/SSIM only, on training pixels (choices
 # are made there); test = every method with reproducible features, on the held-out pixels (what the README
 # reports). Every run is its own process (the GPU is far from busy with one small-crop run); each gets LIMIT
-# seconds; SWEEP_ARGS are added to every run (e.g. a smoke test's "--epochs 1 --steps-per-epoch 2"). Then one table per split: OUT_DIR/sweep-dev.md, OUT_DIR/sweep-test.md, and OUT_DIR/sweep.md (both).
+# seconds. Size: the dev split is 12 processes, 11 of them 6 RadiomicGAN runs each (3 seeds x 2 domains); the test
+# split 5 processes of 6 runs, with features; a demo-budget run is some 20 s on an H100/H200, so each split is a
+# few minutes of GPU (SEEDS=0 for a first look). SWEEP_ARGS are added to every run (e.g. a smoke test's "--epochs 1 --steps-per-epoch 2"). Then one table per split: OUT_DIR/sweep-dev.md, OUT_DIR/sweep-test.md, and OUT_DIR/sweep.md (both).
 set -u
 DATA=$1
 OUT=$2
@@ -44,7 +46,9 @@ for split in ${SWEEP_SPLITS:-dev test}; do
         run dev share-eighth radiomicgan-dwt '{"growing_share": 0.125}' &
         run dev frozen-encoder radiomicgan-dwt '{"finetune_vgg": false}' &
         run dev paper-scaling radiomicgan-dwt '{"window_scaling": "window"}' &
-        run dev extra4 radiomicgan-dwt,radiomicgan-none '{}' --extra-pairs 4 &
+        run dev focus radiomicgan-dwt '{"window_scaling": "focus"}' &
+        run dev extra4 radiomicgan-dwt '{}' --extra-pairs 4 &
+        run dev contrast radiomicgan-dwt '{"contrast_jitter": 0.2}' &
         wait
     else
         run test baselines input,filter,choe '{}' &

@@ -148,12 +148,17 @@ def load_pair(pair: Pair) -> tuple[CTVolume, CTVolume]:
 
 class SliceSampler:
     """Random paired crops from random slices of a manifest's volumes, with the same flips and quarter
-    turns applied to both images of a pair (kernels are rotation invariant, anatomy is not learnt)."""
+    turns applied to both images of a pair (kernels are rotation invariant, anatomy is not learnt).
 
-    def __init__(self, manifest: Manifest, crop: int | None = 128, augment: bool = True, seed: int = 0):
+    ``contrast`` > 0 also scales both crops' HU about air by one factor drawn from [1 - contrast, 1 + contrast]:
+    a reconstruction kernel is linear, so the scaled pair is still a pair of the two kernels (another patient's
+    contrast and noise level, same kernels). Zoom is left out: it would change the kernels' response per pixel."""
+
+    def __init__(self, manifest: Manifest, crop: int | None = 128, augment: bool = True, seed: int = 0, contrast: float = 0.0):
         self.manifest = manifest
         self.crop = crop
         self.augment = augment
+        self.contrast = contrast
         self.rng = np.random.default_rng(seed)
         self.volumes = [load_pair(p) for p in manifest.pairs]
         name_kernels(manifest.pairs, self.volumes)
@@ -174,6 +179,9 @@ class SliceSampler:
                 s, t = np.rot90(s, turns), np.rot90(t, turns)
                 if self.rng.random() < 0.5:
                     s, t = s[:, ::-1], t[:, ::-1]
+            if self.contrast > 0:
+                gain = 1.0 + self.rng.uniform(-self.contrast, self.contrast)
+                s, t = AIR_HU + gain * (s - AIR_HU), AIR_HU + gain * (t - AIR_HU)
             sources.append(np.ascontiguousarray(s))
             targets.append(np.ascontiguousarray(t))
         return np.stack(sources), np.stack(targets)

@@ -785,3 +785,19 @@ def test_every_bound_widget_has_a_parameter_of_a_connectable_type():
         assert widget_class in allowed, (name, kind, widget_class)
     unbound = set(fields) - set(bound)
     assert unbound == {"device", "candidateVolumes", "roiBoxes"}  # synchronised by the widget itself
+
+
+def test_pairs_from_loaded_volumes_keep_the_vendors_kernel_tags(tmp_path):
+    """Two loaded Toshiba series: the pairs set names FC51 -> FC13 from the nodes' tags; untagged nodes leave
+    the names empty (no placeholder that a scan's tag would later be compared with)."""
+    from radiomicgan.dataset import load_manifest
+
+    scene = slicer.vtkMRMLScene()
+    hu = ramp_volume(1, 16, 16)
+    sharp = CTVolume(hu=hu, spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="FC51"))
+    soft = CTVolume(hu=hu + 1.0, spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="FC13"))
+    tagged = write_pairs_from_nodes(add_volume_node(scene, sharp, "sharp"), add_volume_node(scene, soft, "soft"), tmp_path / "a")
+    assert load_manifest(tagged).kernels == ("FC51", "FC13")
+    bare = [CTVolume(hu=v.hu, spacing=v.spacing) for v in (sharp, soft)]
+    untagged = write_pairs_from_nodes(add_volume_node(scene, bare[0], "s"), add_volume_node(scene, bare[1], "t"), tmp_path / "b")
+    assert load_manifest(untagged).kernels == ("", "")
