@@ -134,7 +134,8 @@ def _batch_table(stats: dict) -> str:
             f"<td>{rep['counts'].get(method, '-')}</td>" if rep else "") + "</tr>"
     split = stats["split"]
     text = (f"<p>{esc(TEST)}, q &lt; {stats['alpha']}; {stats['features']} features on {len(stats['roi_groups'])} ROI "
-            f"group(s) ({esc(', '.join(stats['roi_groups']))}); batches {esc(str(stats['batches']))} (observations: scan x ROI). "
+            f"group(s) ({esc(', '.join(stats['roi_groups']))}); observations (scan x ROI) per batch: "
+            f"{esc(', '.join(f'{b} {n}' for b, n in stats['batches'].items()))}. "
             f"ComBat ({esc(stats['combat'].get('library', 'neuroHarmonize'))}) is learned on the training scans only "
             f"({len(split['train_scans'])}, split by patient, seed {split['seed']}) and applied to the "
             f"{len(split['test_scans'])} test scans; every method is compared on those test scans.</p>")

@@ -145,7 +145,8 @@ def batch_effect(features: list[dict], train_fraction: float = 0.5, alpha: float
     in_test = ~in_train
     result = {
         "test": TEST, "alpha": alpha, "features": len(names), "observations": len(keys),
-        "roi_groups": sorted(set(strata)), "batches": {b: int(np.sum(batches == b)) for b in sorted(set(batches))},
+        "roi_groups": [str(g) for g in sorted(set(strata))],
+        "batches": {str(b): int(np.sum(batches == b)) for b in sorted(set(batches))},
         "split": {"by": "patient", "train_fraction": train_fraction, "seed": seed, "train_scans": train, "test_scans": test},
         "all_scans": {"input": kruskal_counts(x_in, batches, strata, alpha),
                       "radiomicgan": kruskal_counts(x_out, batches, strata, alpha)},
@@ -211,18 +212,20 @@ def _paired_ccc(keys, meta, values, in_test, strata, threshold) -> dict | None:
     if len(pairs) < 3:
         return None
     cand, ref = np.array([a for a, _ in pairs]), np.array([b for _, b in pairs])
-    out = {"reference_batch": reference, "threshold": threshold, "pairs": len(pairs), "by_group": {}}
+    out = {"reference_batch": reference, "threshold": threshold, "pairs": len(pairs), "by_group": {}, "counts": {}}
+    groups = [g for g in sorted(set(strata[cand])) if np.sum(strata[cand] == g) >= 3]  # CCC needs 3 ROI pairs at least
+    if not groups:
+        return None
     for method, matrix in values.items():
         total = 0
-        for group in sorted(set(strata[cand])):
+        for group in groups:
             rows = strata[cand] == group
-            if rows.sum() < 3:
-                continue
             ccc = lins_ccc(matrix[ref[rows]], matrix[cand[rows]])
             count = int(np.sum(np.isfinite(ccc) & (ccc > threshold)))
-            out["by_group"].setdefault(group, {})[method] = count
+            out["by_group"].setdefault(str(group), {})[method] = count
             total += count
-        out.setdefault("counts", {})[method] = total
+        out["counts"][method] = total
+    out["groups"] = [str(g) for g in groups]
     return out
 
 
