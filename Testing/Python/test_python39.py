@@ -29,7 +29,7 @@ def python310_constructs(source: str) -> list[str]:
     try:
         ast.parse(source, feature_version=(3, 9))  # match statements, parenthesised context managers, ...
     except SyntaxError as exc:
-        found.append(f"line {exc.lineno}: 3.10+ syntax ({exc.msg})")
+        return [f"line {exc.lineno}: 3.10+ syntax ({exc.msg})"]  # (an interpreter older than 3.10 cannot parse on)
     tree = ast.parse(source)
     postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
                     for n in tree.body)
