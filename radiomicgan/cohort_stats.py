@@ -166,18 +166,25 @@ def batch_effect(features: list[dict], train_fraction: float = 0.5, alpha: float
         elif not test_batches <= train_batches:
             combat["reason"] = f"batch(es) {sorted(test_batches - train_batches)} of the test scans absent from training"
         else:
-            groups = sorted(set(strata))
-            covariates = {f"group_{g}": (strata == g).astype(float) for g in groups[1:]}  # ROI group as a covariate
-            tr = {k: v[in_train] for k, v in covariates.items()}
-            te = {k: v[in_test] for k, v in covariates.items()}
+            # one ComBat per ROI group: a kernel moves lung texture otherwise than soft tissue's, which one batch
+            # effect per feature over all groups cannot model
             combat = {"available": True, "library": _version("neuroHarmonize"), "learned_on": "training scans only",
-                      "covariates": ["ROI group"] if covariates else []}
+                      "per": "ROI group", "unadjusted_groups": []}
             for method, base in (("combat", "input"), ("radiomicgan+combat", "radiomicgan")):
                 adjusted = values[base].copy()
-                adjusted[in_test], model = combat_learn_apply(values[base][in_train], batches[in_train], tr,
-                                                              values[base][in_test], batches[in_test], te)
+                digests, count = [], 0
+                for group in sorted(set(strata)):
+                    tr, te = in_train & (strata == group), in_test & (strata == group)
+                    if len(set(batches[tr])) < 2 or not te.any() or not set(batches[te]) <= set(batches[tr]):
+                        combat["unadjusted_groups"].append(str(group))
+                        continue
+                    adjusted[te], model = combat_learn_apply(values[base][tr], batches[tr], {}, values[base][te],
+                                                             batches[te], {})
+                    digests.append(model_digest(model))
+                    count += model.get("adjusted", 0)
                 values[method] = adjusted
-                combat[method] = {"features_adjusted": model.get("adjusted", 0), "model": model_digest(model)}
+                combat[method] = {"features_adjusted": count, "model": hashlib.sha256("".join(digests).encode()).hexdigest()[:16]}
+            combat["unadjusted_groups"] = sorted(set(combat["unadjusted_groups"]))
     result["combat"] = combat
     result["test_scans"] = {m: kruskal_counts(values[m][in_test], batches[in_test], strata[in_test], alpha)
                             for m in METHODS if m in values}

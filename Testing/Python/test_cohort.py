@@ -140,7 +140,7 @@ def test_cohort_run_qa_rows_outputs_and_inputs_untouched(tree, model, tmp_path):
     done = rows["patient1/b30"]
     assert done["kernel_before"] == "B30f" and done["kernel_after"] == "B50"
     assert float(done["seconds"]) > 0 and 0 <= float(done["p_standard_input"]) <= 1 and 0 <= float(done["hot_fraction_result"]) <= 1
-    for key in ("hu_shift_soft_tissue", "hu_shift_lung", "outline_shift_body_px"):
+    for key in ("hu_shift_lung", "outline_shift_body_px", "outline_shift_lung_px"):  # (32 px: no soft-tissue interior)
         assert np.isfinite(float(done[key]))
     # the output mirrors the tree, as a derived DICOM series with the same geometry
     result = read_volume(out / done["output"])
@@ -187,6 +187,21 @@ def test_lock_refuses_a_second_run(tree, filter_model, tmp_path, capsys):
         with CohortLock(out):
             with CohortLock(out):
                 pass
+
+
+def test_qa_measures_pass_a_kernel_change_and_flag_a_hu_shift():
+    from radiomicgan.cohort import qa_flags, qa_measures
+
+    source, target, _ = phantom_pair(size=64, slices=3, seed=4)
+    kernel_change = qa_measures(source, target.hu)  # the same scan in the target kernel: what a perfect model gives
+    assert abs(kernel_change["hu_shift_soft_tissue"]) < 5 and abs(kernel_change["hu_shift_lung"]) < 5
+    assert qa_flags(kernel_change) == []
+    body = source.hu > -500
+    shifted = qa_measures(source, np.where(body, target.hu + 30.0, target.hu))  # a model that brightens tissue
+    assert 25 < shifted["hu_shift_soft_tissue"] < 35
+    assert any(flag.startswith("hu shift soft tissue +") for flag in qa_flags(shifted))
+    moved = qa_measures(source, np.roll(target.hu, 4, axis=2))  # a model that moves the anatomy by 4 pixels
+    assert moved["outline_shift_body_px"] >= 3 and any("outline shift body" in flag for flag in qa_flags(moved))
 
 
 def _kill_tree(tmp_path: Path, scans: int) -> Path:
