@@ -175,6 +175,8 @@ class BackgroundProcess:
             raise RuntimeError("not started")
         if self._returncode is None and self._process.poll() is not None and not self._reader.is_alive():
             self._returncode = self._process.returncode
+            if self._process.stdin is not None:
+                self._process.stdin.close()
         self._deliver()
         return self._returncode
 

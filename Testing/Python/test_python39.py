@@ -69,3 +69,11 @@ def test_the_check_finds_what_python39_rejects():
 def test_code_that_runs_inside_slicer_is_python39(path):
     assert python310_constructs(path.read_text()) == []
 
+
+def test_pyproject_readme_and_makefile_agree_on_python39():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'requires-python = ">=3\.9"', pyproject)
+    readme = (REPO / "README.md").read_text()
+    assert "Python 3.9" in readme and "make test-py39" in readme
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^test:.*\n(\t.*\n)*\t\$\(MAKE\).*test-py39", makefile, re.M), "make test runs the 3.9 stage"
