@@ -729,6 +729,14 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
         raise RadiomicGANError(f"--rois {rois}: expected none, labels or ranges")
     loaded = load_model(model)  # refuses a bad model folder before any work
     card = loaded.card
+    # read-only checks before anything is written (the lock file is the first thing)
+    scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
+    if rois == "labels" and not any(s.roi for s in scans):
+        raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
+    if rois != "none":
+        from .reproducibility import check_params
+
+        params = check_params(params)
     dist = _Distributed()
     lock = CohortLock(out) if dist.rank == 0 else None
     error = None
@@ -745,9 +753,6 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
         if dist.rank == 0:
             clean_partials(out)
         dist.barrier()
-        scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
-        if rois == "labels" and not any(s.roi for s in scans):
-            raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
         resolved = resolve_device(device)
         if dist.active and resolved.startswith("cuda"):
             resolved = f"cuda:{dist.local_rank}"
