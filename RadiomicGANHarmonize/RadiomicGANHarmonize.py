@@ -67,10 +67,12 @@ def modelFolder(path) -> str:
 
 
 class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Takes its logic in the constructor (as SlicerNNUnet's widget does) so a test can hand it another one."""
+    """Takes its logic in the constructor (as SlicerNNUnet's widget does) so a test can hand it another one.
+
+    Without a parent, ScriptedLoadableModuleWidget.__init__ makes one and calls ``setup()`` itself: everything
+    ``setup()`` uses is set before it."""
 
     def __init__(self, parent=None, logic=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = logic
         self._parameterNode = None
@@ -79,6 +81,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer = None
         self._windows = None
         self._result = None
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         import qt
@@ -122,8 +125,14 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.removeObservers()
         if getattr(self, "cohortSection", None) is not None:
             self.cohortSection.cleanup()
-        if self._job is not None and self._job.running:
-            self._job.cancel()  # never leave a process behind when Slicer closes
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None and self._job.running:  # never leave a process behind when Slicer closes
+            self._job.cancel()
+            try:
+                self._job.wait(self._job.grace_s + 5)  # killed after the grace period
+            except TimeoutError:
+                pass
 
     def enter(self):
         self.initializeParameterNode()
@@ -138,7 +147,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
+        if getattr(self.parent, "isEntered", True):  # a widget made without a module panel has no isEntered
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
@@ -186,15 +195,16 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def onApplyOrCancel(self):
         if self._job is not None and self._job.running:
-            self._job.cancel()
-            self._finish()
+            self._job.cancel()  # returns at once; onPoll sees the end (a kill after the grace period)
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = "Cancelling..."
             return
         p = self._parameterNode
-        ok, message = self.logic.ensureDependencies()
-        if not ok:
-            slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
-            return
         with slicer.util.tryWithErrorDisplay("Harmonization could not start.", waitCursor=True):
+            ok, message = self.logic.ensureDependencies()  # an installation that fails shows its error here
+            if not ok:
+                slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+                return
             self._job = self.logic.process(p.inputVolume, modelFolder(p.modelPath), device=p.device, batch=p.batch or None,
                                            gradcam=p.gradcam, thFail=p.thFail, outputNode=p.outputVolume, waitForCompletion=False)
         if self._job is None:
@@ -205,12 +215,14 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer.start()
 
     def onPoll(self):
+        from RadiomicGANLib.process import JobStatus
+
         job = self._job
         status = job.poll()
         self.ui.progressBar.value = int(100 * job.progress)
         self.ui.statusLabel.text = {"harmonize": "Harmonizing slices...", "gradcam": "Computing Grad-CAM maps..."}.get(job.stage, self.ui.statusLabel.text)
         self.ui.warningsLabel.text = "\n".join(f"Warning: {w}" for w in job.warnings)
-        if status != "running":
+        if status is not JobStatus.RUNNING:
             self._finish()
 
     def _finish(self):
@@ -369,16 +381,21 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
 
         ``gradcam`` None: on when the model has a discriminator. ``waitForCompletion``: return the result
         (volume, gradcam, gradcam_input, windows, warnings; unpacks as ``output, cam, windows``) or raise
-        RuntimeError with the core's message; otherwise return the running ``HarmonizeJob``.
+        RuntimeError with the core's message; otherwise return the running ``HarmonizeJob`` (``poll()``,
+        ``cancel()``, ``wait()``, ``result``).
         """
         from RadiomicGANLib.harmonization import HarmonizeJob
+        from RadiomicGANLib.process import JobStatus
 
         job = HarmonizeJob(scene or slicer.mrmlScene, inputNode, str(modelPath), device=device, batch=batch, gradcam=gradcam,
                            th_fail=thFail, output_node=outputNode, on_output=onOutput, kernel=self.dicomKernel(inputNode))
         if not waitForCompletion:
             return job
         with slicer.util.WaitCursor():
-            return job.wait()
+            status = job.wait()
+        if status is not JobStatus.COMPLETED:
+            raise RuntimeError(job.error or f"harmonization {status.value}")
+        return job.result
 
     def processCohort(self, folder, model, outFolder, waitForCompletion=True, device="auto", rois="none", workers=None,
                       params=None, tableNode=None, onOutput=None, scene=None):
@@ -538,6 +555,6 @@ class RadiomicGANHarmonizeTest(ScriptedLoadableModuleTest):
         count = slicer.mrmlScene.GetNumberOfNodes()
         job = logic.process(node, folder / "model", device="cpu", waitForCompletion=False)
         job.cancel()
-        self.assertEqual(job.status, "cancelled")
+        self.assertEqual(job.wait(60), "cancelled")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Background harmonization test passed")

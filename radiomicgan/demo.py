@@ -14,11 +14,11 @@ import json
 import shutil
 import time
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .jobs import staging_name
 from .dataset import MANIFEST_FORMAT, load_manifest, load_pair
 from .errors import CTInputError
 from .io import move_into_place
@@ -36,7 +36,7 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise CTInputError(f"{out}: exists and was not made by the demo; refusing to overwrite (use --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(out)
     tmp.mkdir()
     try:
         (tmp / DEMO_MARKER).write_text("made by `radiomicgan demo`; safe to delete\n")

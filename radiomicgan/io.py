@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from .jobs import staging_name
 from . import __version__
 from .errors import CTInputError
 from .volume import CTMetadata, CTVolume, check_hu_plausible
@@ -425,7 +426,7 @@ def _write_image_file(volume: CTVolume, p: Path, suffix: str, description: str |
 
 
 def _atomic_sitk_write(image: sitk.Image, p: Path, suffix: str) -> Path:
-    tmp = p.with_name(f".{p.name}.partial-{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = staging_name(p, suffix)
     try:
         sitk.WriteImage(image, str(tmp), useCompression=True)
         os.replace(tmp, p)
@@ -512,7 +513,7 @@ def write_dicom_series(
     base.RescaleIntercept, base.RescaleSlope, base.RescaleType = "0", "1", "HU"
     base.WindowCenter, base.WindowWidth = "40", "400"
 
-    tmp = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(folder)
     tmp.mkdir(parents=True)
     try:
         for k in range(pixels.shape[0]):

@@ -14,12 +14,12 @@ import math
 import os
 import pickle
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+from .jobs import staging_name
 from .errors import RadiomicGANError
 from .window import STANDARD_RANGE
 
@@ -68,7 +68,7 @@ def build_networks(card: dict):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -78,7 +78,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -179,8 +179,8 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     if card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
         raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (format {card.get('format')!r}, method {card.get('method')!r})")
     hu_range = card.get("hu_range", STANDARD_RANGE)
-    if not (isinstance(hu_range, list | tuple) and len(hu_range) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
+    if not (isinstance(hu_range, (list, tuple)) and len(hu_range) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
             and hu_range[0] < hu_range[1]):
         raise ModelError(f"{card_path}: hu_range must be two numbers [LO, HI] with LO < HI, not {json.dumps(hu_range)}")
     if not (folder / WEIGHTS_NAME).is_file():

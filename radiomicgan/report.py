@@ -9,11 +9,11 @@ import html
 import io
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from .jobs import staging_name
 from .errors import CTInputError
 from .reproducibility import Evaluation, feature_kind
 from .volume import CTVolume
@@ -28,7 +28,7 @@ def write_report(evaluation: Evaluation, out: Path, volumes: dict[str, CTVolume]
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp = staging_name(out)
     tmp.mkdir()
     try:
         _features_csv(evaluation, tmp / "features.csv")

@@ -42,12 +42,11 @@ from .modelio import (
     safe_load,
     write_card,
 )
-from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window
+from .window import (STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window,
+                     window_weight)
 
-LOG_NAME = "train_log.jsonl"
-CANCEL_NAME = "CANCEL"
 MIN_GAN_CROP = 32  # below it the U-Net bottleneck (1/8) or the PatchGAN's last layers shrink to 1x1 (instance norm fails)
-WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
+from .jobs import CAM_PLOT, CAM_SAMPLES, CANCEL_NAME, LOG_NAME, WINDOWS_PLOT  # noqa: E402,F401  (shared with the programs that read them)
 
 
 class TrainingError(RadiomicGANError):
@@ -73,7 +72,8 @@ class TrainConfig:
     lr_decay: bool = True  # pix2pix: constant for the first half of the steps, then linearly to zero
     lambda_l1: float = 100.0
     adversarial_warmup: int = 0  # first steps with the L1 loss only (the discriminator trains meanwhile)
-    window_scaling: str = "fixed"  # "window" (the paper's min-max per window) or "fixed" (over hu_range)
+    contrast_jitter: float = 0.0  # training crops' HU scaled about air by 1 +- this (SliceSampler); 0: off
+    window_scaling: str = "fixed"  # "window" (the paper's min-max per window), "fixed" (over hu_range) or "focus" (L1 weighs the window)
     consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
     th_acc: float = 0.5
     th_eta: int = 2
@@ -105,6 +105,8 @@ class TrainConfig:
             raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
         if not 0.0 <= self.growing_share <= 1.0:
             raise TrainingError(f"growing share must be a fraction in [0, 1], got {self.growing_share}")
+        if not 0.0 <= self.contrast_jitter < 1.0:
+            raise TrainingError(f"contrast jitter must be a fraction in [0, 1), got {self.contrast_jitter}")
         if not 0.0 <= self.consolidate < 1.0:
             raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
         if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
@@ -351,7 +353,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         if dist.main:
             _prepare_output(out, resume, config)
         train_set, val, val_label = _split(manifest, config.val_slices)
-        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
         for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
             if min(source.shape[1:]) < MIN_GAN_CROP:
                 raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
@@ -444,9 +446,12 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                     step_window = schedule.window  # fixed growing paced by steps widens it within an epoch
                     x = torch.from_numpy(apply_window(source, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
                     y = torch.from_numpy(apply_window(target, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
+                    weight = window_weight(target, step_window, config.hu_range, config.window_scaling)
+                    if weight is not None:
+                        weight = torch.from_numpy(weight)[:, None].to(device, memory_format=memory_format)
                     _set_learning_rate(config, (opt_g, opt_d), steps_done, total_steps)
                     record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F,
-                                        adversarial=steps_done >= config.adversarial_warmup)
+                                        adversarial=steps_done >= config.adversarial_warmup, weight=weight)
                     for k in sums:
                         sums[k] += record.get(k, 0.0)
                     steps_done += 1
@@ -526,9 +531,10 @@ def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
                 group["lr"] = config.lr * factor
 
 
-def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool = True) -> dict:
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool = True, weight=None) -> dict:
     """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
-    lambda L1 (L1 alone while ``adversarial`` is off). Choe: L2 only."""
+    lambda L1 (L1 alone while ``adversarial`` is off). Choe: L2 only. ``weight`` (``focus`` windows): the L1 is
+    the mean over the weighted pixels."""
     import torch
 
     l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
@@ -551,7 +557,10 @@ def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool 
     loss_d.backward()
     opt_d.step()
     with autocast:
-        l1 = F.l1_loss(fake.float(), y.float())
+        if weight is None:
+            l1 = F.l1_loss(fake.float(), y.float())
+        else:
+            l1 = ((fake.float() - y.float()).abs() * weight).sum() / weight.sum().clamp(min=1.0)
         loss_g = config.lambda_l1 * l1
         if adversarial:  # off during the warm-up: the discriminator trains meanwhile, the generator sees L1 only
             logits = d(x, fake)
