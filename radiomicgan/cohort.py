@@ -39,6 +39,8 @@ from .kernels import preset_for_tag
 # count; 0 when none failed. (A named constant here until the project's exit codes are unified.)
 EXIT_SCANS_FAILED_BASE = 64
 MIN_SLICES = 3
+# pyradiomics parameters for quick cohort runs (the demo, the tests): original image only, about 100 features per ROI
+QUICK_PARAMS = Path(__file__).resolve().parent / "data" / "radiomics_cohort.yaml"
 MARKER_FORMAT = "radiomicgan-cohort-scan-1"
 MARKERS = "markers"
 HARMONIZED = "harmonized"
@@ -825,8 +827,14 @@ def _run_pending(pending: list[Scan], settings: Settings, hashes: dict, workers:
             futures = [pool.submit(_worker, (scan, settings, hashes[scan.id])) for scan in pending]
             for k, future in enumerate(as_completed(futures)):
                 tick(k + 1, future.result())
-        finally:
+        except BaseException:
+            # cancelled (Ctrl-C, SIGTERM, a stop request) or broken: stop the workers now rather than after their
+            # current scans; what they staged is removed by the next run (markers are written last)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------------------------ merge and report

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cohort import QUICK_PARAMS
 from .errors import CTInputError
 from .io import write_map, write_volume
 from .kernels import get_preset, simulate_kernels
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         model = train_demo_model(Path(args.out) / "training", size=args.size, epochs=args.epochs)
         print(f"trained {model} in {time.perf_counter() - started:.0f} s")
         print(f"next: radiomicgan cohort {manifest} --model {model} --out {Path(args.out) / 'result'} --rois labels "
-              f"--params Resources/radiomics_cohort.yaml")
+              f"--params {QUICK_PARAMS}")
     return 0
 
 

@@ -35,7 +35,7 @@ from radiomicgan.io import read_volume, write_map
 from radiomicgan.simulate import phantom_pair, simulate_phantom_pairs
 from radiomicgan.train import TrainConfig, train
 
-PARAMS = REPO / "Resources" / "radiomics_cohort.yaml"
+PARAMS = REPO / "radiomicgan" / "data" / "radiomics_cohort.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
