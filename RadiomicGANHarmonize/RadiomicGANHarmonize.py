@@ -415,7 +415,9 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
         if not waitForCompletion:
             return job
         with slicer.util.WaitCursor():
-            job.wait()
+            status = job.wait()
+        if status != "completed":
+            raise RuntimeError(job.error or f"cohort run {status}")
         self.cohortTable(job, tableNode, scene)
         return job
 

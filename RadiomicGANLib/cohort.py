@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .process import BackgroundProcess, CoreOutput, core_command, parse_progress
+from radiomicgan.jobs import PROGRESS_OPTION, ExitCode
+
+from .process import Job, JobStatus, core_command
 
 
 def qa_rows(out_folder) -> list[dict]:
@@ -39,32 +41,34 @@ def qa_table_node(scene, rows: list[dict], name: str = "Cohort QA", node=None):
     return node
 
 
-class CohortJob(CoreOutput):
-    """One cohort run of the core in the background. ``status``: running, completed (every scan done; some may
-    have failed: ``failed`` says how many), cancelled or failed (the run itself could not proceed: ``error``)."""
+class CohortJob(Job):
+    """One cohort run of the core in the background (the ``Job`` contract: ``poll()`` from a timer, ``cancel()``,
+    ``wait()``), started by the constructor. ``status``: running, completed (every scan done; ``failed`` says how
+    many of them failed, as the core's exit status does), cancelled (finished scans are kept: a new job on the same
+    output resumes) or failed (the run itself could not proceed: ``error``). ``rows``: the QA rows once completed."""
+
+    what = "cohort run"
 
     def __init__(self, input_folder, model_dir, out_folder, *, device: str = "auto", rois: str = "none",
                  workers: int | None = None, params: str | None = None, extra_args: list[str] | None = None, env=None,
                  on_output=None):
-        from radiomicgan.cohort import EXIT_SCANS_FAILED_BASE
-
+        super().__init__(on_output=on_output, env=env)
         self.input, self.model_dir, self.out = str(input_folder), str(model_dir), Path(str(out_folder))
-        self.warnings: list[str] = []
-        self.errors: list[str] = []
-        self.on_output = on_output
         self.progress, self.done, self.total, self.eta_s = 0.0, 0, 0, None
         self.failed = 0
-        self.status = "running"
         self.rows: list[dict] = []
-        self._failed_base = EXIT_SCANS_FAILED_BASE
-        args = [self.input, "--model", self.model_dir, "--out", str(self.out), "--device", device, "--rois", rois,
-                "--progress-json"]
+        self.tableNode = None
+        self.args = [self.input, "--model", self.model_dir, "--out", str(self.out), "--device", device, "--rois", rois,
+                     PROGRESS_OPTION]
         if workers:
-            args += ["--workers", str(int(workers))]
+            self.args += ["--workers", str(int(workers))]
         if params:
-            args += ["--params", str(params)]
-        args += list(extra_args or [])
-        self.process = BackgroundProcess(core_command("cohort", *args), env=env, on_output=self._line).start()
+            self.args += ["--params", str(params)]
+        self.args += list(extra_args or [])
+        self.start()
+
+    def command(self) -> list[str]:
+        return core_command("cohort", *self.args)
 
     def on_progress(self, record: dict) -> None:
         if record.get("task") != "cohort":
@@ -75,53 +79,40 @@ class CohortJob(CoreOutput):
         self.failed = int(record.get("failed", self.failed) or 0)
 
     @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-    @property
-    def error(self) -> str | None:
-        return self.errors[-1] if self.errors else None
-
-    @property
     def report(self) -> Path:
         return self.out / "report.html"
 
     def status_text(self) -> str:
-        if self.status == "running":
+        if self.status is JobStatus.RUNNING:
             eta = f", about {self.eta_s:.0f} s left" if self.eta_s is not None else ""
             return f"{self.done} of {self.total} scans{eta}" + (f"; {self.failed} failed" if self.failed else "")
-        if self.status == "completed":
+        if self.status is JobStatus.COMPLETED:
             flagged = sum(r.get("flagged") == "True" for r in self.rows)
             return (f"Done: {sum(r['status'] == 'harmonized' for r in self.rows)} harmonized, {self.failed} failed, "
                     f"{flagged} flagged, {sum(r['status'] == 'skipped' for r in self.rows)} skipped")
-        return {"cancelled": "Cancelled; finished scans are kept and a new Start resumes."}.get(self.status, f"Failed: {self.error}")
+        if self.status is JobStatus.CANCELLED:
+            return "Cancelled; finished scans are kept and a new Start resumes."
+        return f"Failed: {self.error}"
 
-    def poll(self) -> str:
-        if self.status != "running":
-            return self.status
-        code = self.process.poll()
-        if code is None:
-            return self.status
-        if code == 0 or self._failed_base < code < self._failed_base + 64:
-            self.failed = max(0, code - self._failed_base) if code else 0
-            self.rows = qa_rows(self.out)
-            self.progress, self.status = 1.0, "completed"
-        else:
-            self.status = "failed"
-            if self.error is None:
-                tail = [line for line in self.process.lines if line.strip() and parse_progress(line) is None][-5:]
-                self.errors.append(f"cohort run failed (exit status {code})" + (": " + " | ".join(tail) if tail else ""))
-        return self.status
+    def poll(self) -> JobStatus:
+        """As ``Job.poll``; an exit status that counts failed scans (``radiomicgan.cohort.exit_status``) is a
+        completed run."""
+        from radiomicgan.cohort import EXIT_SCANS_FAILED_BASE
 
-    def wait(self, timeout: float | None = None) -> "CohortJob":
-        self.process.wait(timeout)
-        self.poll()
-        if self.status != "completed":
-            raise RuntimeError(self.error or f"cohort run {self.status}")
-        return self
+        if self.status is JobStatus.RUNNING and not self.cancelled:
+            code = self.process.poll()
+            if code is not None and EXIT_SCANS_FAILED_BASE < code < EXIT_SCANS_FAILED_BASE + 64:
+                self.exit_code = code
+                self.status = self._finished(code)
+                return self.status
+        return super().poll()
 
-    def cancel(self) -> None:
-        if self.status != "running":
-            return
-        self.process.cancel()
-        self.status = "cancelled"
+    def _finished(self, code: int) -> JobStatus:
+        from radiomicgan.cohort import EXIT_SCANS_FAILED_BASE
+
+        if code == ExitCode.CANCELLED:
+            return JobStatus.CANCELLED
+        self.failed = code - EXIT_SCANS_FAILED_BASE if code else 0
+        self.rows = qa_rows(self.out)
+        self.progress = 1.0
+        return JobStatus.COMPLETED

@@ -1,6 +1,6 @@
 """Cohort mode's throughput: scans per minute for ``radiomicgan cohort`` on a simulated DICOM cohort, end to end
 (discovery, reading, harmonizing, Grad-CAM QA, writing derived DICOM, markers, report), without and with features
-(pyradiomics on the phantoms' tissue labels, ``Resources/radiomics_cohort.yaml``). Prints figures; asserts nothing.
+(pyradiomics on the phantoms' tissue labels, ``radiomicgan/data/radiomics_cohort.yaml``). Prints figures; asserts nothing.
 
     python bench/bench_cohort.py [--patients 8] [--size 128] [--slices 10] [--model MODEL] [--workers N] [--device cuda]
 
@@ -42,14 +42,14 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    from radiomicgan.cohort import run_cohort
+    from radiomicgan.cohort import QUICK_PARAMS, run_cohort
     from radiomicgan.cohort_demo import write_demo_cohort
 
     work = Path(tempfile.mkdtemp(prefix="bench_cohort_"))
     try:
         csv = write_demo_cohort(work / "cohort", args.patients, size=args.size, slices=args.slices)
         model = args.model or random_model(work / "training")
-        params = str(Path(__file__).resolve().parents[1] / "Resources" / "radiomics_cohort.yaml")
+        params = str(QUICK_PARAMS)
         figures = {"patients": args.patients, "size": args.size, "slices": args.slices, "cpu_count": os.cpu_count()}
         for name, rois in (("harmonize + QA", "none"), ("harmonize + QA + features", "labels")):
             started = time.perf_counter()

@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--rois", choices=["none", "labels", "ranges"], default="none",
                     help="pyradiomics features of input and result: labels (the CSV's roi label maps), ranges (random "
                          "boxes per HU range) or none (default)")
-    co.add_argument("--params", help="pyradiomics parameter file (default Resources/radiomics_ct.yaml)")
+    co.add_argument("--params", help="pyradiomics parameter file (default: radiomics_ct.yaml shipped in the package, radiomicgan/data; "
+                    "radiomics_cohort.yaml beside it for quick runs)")
     co.add_argument("--per-range", type=_at_least(1), default=5, help="random boxes per HU range with --rois ranges")
     co.add_argument("--min-slices", type=_at_least(1), default=3, help="series with fewer slices are skipped (default 3)")
     co.add_argument("--workers", type=_at_least(1), help="processes (default: one per core, fewer when memory is short)")
@@ -600,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--progress-json", action="store_true",
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar")
+    co.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     co.set_defaults(func=cmd_cohort)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")

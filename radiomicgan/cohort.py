@@ -39,6 +39,8 @@ from .kernels import preset_for_tag
 # count; 0 when none failed. (A named constant here until the project's exit codes are unified.)
 EXIT_SCANS_FAILED_BASE = 64
 MIN_SLICES = 3
+# pyradiomics parameters for quick cohort runs (the demo, the tests): original image only, about 100 features per ROI
+QUICK_PARAMS = Path(__file__).resolve().parent / "data" / "radiomics_cohort.yaml"
 MARKER_FORMAT = "radiomicgan-cohort-scan-1"
 MARKERS = "markers"
 HARMONIZED = "harmonized"
@@ -729,6 +731,14 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
         raise RadiomicGANError(f"--rois {rois}: expected none, labels or ranges")
     loaded = load_model(model)  # refuses a bad model folder before any work
     card = loaded.card
+    # read-only checks before anything is written (the lock file is the first thing)
+    scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
+    if rois == "labels" and not any(s.roi for s in scans):
+        raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
+    if rois != "none":
+        from .reproducibility import check_params
+
+        params = check_params(params)
     dist = _Distributed()
     lock = CohortLock(out) if dist.rank == 0 else None
     error = None
@@ -745,9 +755,6 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
         if dist.rank == 0:
             clean_partials(out)
         dist.barrier()
-        scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
-        if rois == "labels" and not any(s.roi for s in scans):
-            raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
         resolved = resolve_device(device)
         if dist.active and resolved.startswith("cuda"):
             resolved = f"cuda:{dist.local_rank}"
@@ -820,8 +827,14 @@ def _run_pending(pending: list[Scan], settings: Settings, hashes: dict, workers:
             futures = [pool.submit(_worker, (scan, settings, hashes[scan.id])) for scan in pending]
             for k, future in enumerate(as_completed(futures)):
                 tick(k + 1, future.result())
-        finally:
+        except BaseException:
+            # cancelled (Ctrl-C, SIGTERM, a stop request) or broken: stop the workers now rather than after their
+            # current scans; what they staged is removed by the next run (markers are written last)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
             pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------------------------ merge and report

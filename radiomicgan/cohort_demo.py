@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cohort import QUICK_PARAMS
 from .errors import CTInputError
 from .io import write_map, write_volume
 from .kernels import get_preset, simulate_kernels
@@ -24,7 +25,7 @@ from .simulate import SIMULATED_MANUFACTURER, simulated_kernel_tag
 from .volume import CTMetadata, CTVolume
 
 
-def write_demo_cohort(out: str | Path, patients: int = 8, kernels=("B30", "B50"), extra_kernel: str | None = "B70",
+def write_demo_cohort(out: str | Path, patients: int = 12, kernels=("B30", "B50"), extra_kernel: str | None = "B70",
                       extra_every: int = 4, size: int = 64, slices: int = 6, seed: int = 0, spacing: float = 0.7) -> Path:
     """Write the cohort tree under ``out`` (refused if it exists and is not empty); returns the CSV's path."""
     from pydicom.dataset import Dataset
@@ -68,7 +69,7 @@ def write_demo_cohort(out: str | Path, patients: int = 8, kernels=("B30", "B50")
     return out / "cohort.csv"
 
 
-def train_demo_model(out: str | Path, size: int = 64, epochs: int = 6, steps_per_epoch: int = 12, seed: int = 100) -> Path:
+def train_demo_model(out: str | Path, size: int = 64, epochs: int = 8, steps_per_epoch: int = 12, seed: int = 100) -> Path:
     """A small RadiomicGAN (dwt, random VGG-19 encoder as offline) on phantom pairs that are not in the cohort."""
     from .simulate import simulate_phantom_pairs
     from .train import TrainConfig, train
@@ -84,11 +85,11 @@ def train_demo_model(out: str | Path, size: int = 64, epochs: int = 6, steps_per
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m radiomicgan.cohort_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="cohort_demo")
-    parser.add_argument("--patients", type=int, default=8)
+    parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--slices", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs of the demo's model (0: no model)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs of the demo's model, 12 steps each (0: no model)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     manifest = write_demo_cohort(Path(args.out) / "cohort", args.patients, size=args.size, slices=args.slices, seed=args.seed)
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         model = train_demo_model(Path(args.out) / "training", size=args.size, epochs=args.epochs)
         print(f"trained {model} in {time.perf_counter() - started:.0f} s")
         print(f"next: radiomicgan cohort {manifest} --model {model} --out {Path(args.out) / 'result'} --rois labels "
-              f"--params Resources/radiomics_cohort.yaml")
+              f"--params {QUICK_PARAMS}")
     return 0
 
 

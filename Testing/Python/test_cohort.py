@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from helpers import REPO, make_ct_dataset, save_dataset, write_ct_series
+from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from radiomicgan.cli import main
@@ -33,7 +35,7 @@ from radiomicgan.io import read_volume, write_map
 from radiomicgan.simulate import phantom_pair, simulate_phantom_pairs
 from radiomicgan.train import TrainConfig, train
 
-PARAMS = REPO / "Resources" / "radiomics_cohort.yaml"
+PARAMS = REPO / "radiomicgan" / "data" / "radiomics_cohort.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
@@ -69,8 +71,8 @@ def _series(folder: Path, hu, kernel, patient="P1", study=None, **kwargs):
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     """patient1: B30 and B50 of one scan; patient2: a B30 scan (with ROIs in the CSV); odd members: an MR series, a
-    CT localizer, a CT series of two slices, a corrupt DICOM file, a B70 series, a series with a missing slice (fails
-    on reading), a text file."""
+    CT localizer, a CT series of two slices, a corrupt DICOM file, a series compressed in a syntax without decoder, a
+    B70 series, a series with a missing slice (fails on reading), a text file."""
     root = tmp_path_factory.mktemp("cohort_tree") / "study"
     hu1, labels1 = _phantom(1)
     _series(root / "patient1" / "b30", hu1, "B30f")
@@ -86,6 +88,13 @@ def tree(tmp_path_factory):
     scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     (root / "patient3" / "scout").mkdir(parents=True)
     save_dataset(scout, root / "patient3" / "scout" / "scout.dcm")
+    _series(root / "patient3" / "mpeg2", hu1, "B30f")  # a compressed syntax no installed decoder reads
+    for f in (root / "patient3" / "mpeg2").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID("1.2.840.10008.1.2.4.100")
+        ds.PixelData = encapsulate([b"\x00\x01" * 50])
+        ds["PixelData"].VR = "OB"
+        save_dataset(ds, f)
     good = root / "patient1" / "b30" / "file000.dcm"
     (root / "patient3" / "broken").mkdir()
     (root / "patient3" / "broken" / "cut.dcm").write_bytes(good.read_bytes()[:400])
@@ -109,6 +118,7 @@ EXPECTED = {
     "patient3/b70": ("skipped", "kernel 'B70f' (B70): the model converts B30 to B50"),
     "patient3/broken/cut.dcm": ("skipped", "unreadable"),
     "patient3/gap": ("failed", "uneven slice spacing"),
+    "patient3/mpeg2": ("skipped", "compressed without decoder: compressed transfer syntax 1.2.840.10008.1.2.4.100"),
     "patient3/mr": ("skipped", "not CT (modality MR)"),
     "patient3/scout": ("skipped", "localizer (scout) image, not a volume"),
     "patient3/two": ("skipped", "too few slices (2; at least 3)"),
@@ -153,7 +163,7 @@ def test_cohort_run_qa_rows_outputs_and_inputs_untouched(tree, model, tmp_path):
     assert statuses[0] == "failed" or read_qa_csv(out / "qa.csv")[0]["flagged"] == "True"
     report = (out / "report.html").read_text()
     assert "patient3/gap" in report and "data:image/png;base64," in report and "<script" not in report
-    assert json.loads((out / "cohort.json").read_text())["counts"] == {"harmonized": 2, "reference": 1, "skipped": 5,
+    assert json.loads((out / "cohort.json").read_text())["counts"] == {"harmonized": 2, "reference": 1, "skipped": 6,
                                                                         "failed": 1, "flagged": sum(r["flagged"] == "True" for r in rows.values())}
     assert {p: p.stat().st_mtime_ns for p in tree.rglob("*") if p.is_file()} == before  # inputs never modified
     assert not [p for p in out.rglob(".*") if p.name != ".cohort.lock"]  # nothing half-written

@@ -34,8 +34,7 @@ def test_cohort_job_runs_the_core_and_fills_a_table_node(cohort, tmp_path):
     records = []
     job = CohortJob(cohort / "study", cohort / "model", out, device="cpu", workers=1)
     job.on_progress = lambda record, original=job.on_progress: (records.append(record), original(record))
-    job.wait(timeout=300)
-    assert job.status == "completed" and job.failed == 0 and job.report.is_file()
+    assert job.wait(timeout=300) == "completed" and job.failed == 0 and job.report.is_file()
     assert records and records[-1]["done"] == records[-1]["total"] == 3 and job.progress == 1.0
     assert "3 harmonized" in job.status_text() and "1 skipped" in job.status_text()
     scene = slicer.vtkMRMLScene()
@@ -52,8 +51,8 @@ def test_cohort_job_runs_the_core_and_fills_a_table_node(cohort, tmp_path):
 def test_cancel_kills_the_run_and_a_second_start_resumes(cohort, tmp_path):
     out = tmp_path / "out"
     job = CohortJob(cohort / "study", cohort / "model", out, device="cpu", workers=1)
-    job.cancel()
-    assert job.status == "cancelled" and not job.process.running and "resumes" in job.status_text()
+    job.cancel()  # a stop request on its standard input, at once
+    assert job.wait(timeout=120) == "cancelled" and not job.process.running and "resumes" in job.status_text()
     assert not (out / "qa.csv").exists()
-    again = CohortJob(cohort / "study", cohort / "model", out, device="cpu", workers=1).wait(timeout=300)
-    assert again.status == "completed" and sum(r["status"] == "harmonized" for r in again.rows) == 3
+    again = CohortJob(cohort / "study", cohort / "model", out, device="cpu", workers=1)
+    assert again.wait(timeout=300) == "completed" and sum(r["status"] == "harmonized" for r in again.rows) == 3
