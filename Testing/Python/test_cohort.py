@@ -214,6 +214,22 @@ def test_qa_measures_pass_a_kernel_change_and_flag_a_hu_shift():
     assert moved["outline_shift_body_px"] >= 3 and any("outline shift body" in flag for flag in qa_flags(moved))
 
 
+def test_hu_range_boxes_as_rois():
+    from radiomicgan.cohort import Scan, Settings, _rois
+    from radiomicgan.reproducibility import body_mask
+
+    source, _, _ = phantom_pair(size=64, slices=3, seed=5)
+    rois = _rois(Scan(id="s", source=""), source, Settings(model="", out="", rois="ranges", per_range=3, roi_size_mm=4.0))
+    assert rois and {r.group for r in rois} <= {"[-800, -300]", "[-100, 250]", "[300, 800]"}
+    body = body_mask(source)
+    for roi in rois:  # wholly inside the body, mostly in the group's range
+        z0, z1, y0, y1, x0, x1 = roi.box
+        assert body[z0:z1, y0:y1, x0:x1].all()
+        lo, hi = (float(v) for v in roi.group.strip("[]").split(","))
+        values = source.hu[z0:z1, y0:y1, x0:x1]
+        assert np.mean((values >= lo) & (values <= hi)) >= 0.8
+
+
 def _kill_tree(tmp_path: Path, scans: int) -> Path:
     root = tmp_path / "many"
     for k in range(scans):
@@ -257,9 +273,17 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, fi
 def test_markers_tie_results_to_input_model_and_settings(tmp_path, filter_model):
     import shutil
 
+    from radiomicgan.io import write_volume
+
     tree = _kill_tree(tmp_path, 2)
+    source, _, _ = phantom_pair(size=32, slices=4, seed=7)
+    write_volume(source, tree / "p9" / "scan.nrrd")  # a research-format scan: its result is an .nrrd too
     out = tmp_path / "out"
-    run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    result = run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    nrrd = {r["scan"]: r for r in result.rows}["p9/scan.nrrd"]
+    assert nrrd["status"] == "harmonized" and nrrd["output"] == "harmonized/p9/scan.nrrd"
+    harmonized = read_volume(out / nrrd["output"])
+    assert harmonized.same_geometry(source) and not np.array_equal(harmonized.hu, np.rint(source.hu))
     stamp = lambda: {p.name: p.stat().st_mtime_ns for p in (out / "markers").glob("*.json")}  # noqa: E731
     first = stamp()
     run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
@@ -277,6 +301,7 @@ def test_markers_tie_results_to_input_model_and_settings(tmp_path, filter_model)
     third = stamp()
     changed = {name for name in second if third[name] != second[name]}
     assert changed == {marker_path(out, "p1").name}
+    assert len(second) == 3
     marker = json.loads(marker_path(out, "p1").read_text())
     assert marker["scan"] == "p1" and len(marker["input_hash"]) == len(marker["model_hash"]) == 64
 
