@@ -41,10 +41,12 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny RadiomicGAN (B30 -> B50), so QA rows carry the discriminator's numbers too."""
+    """A tiny model with a discriminator (B30 -> B50), so QA rows carry its "standard" probability and Grad-CAM hot
+    fraction too: pix2pix, the same PatchGAN discriminator as RadiomicGAN's, without the VGG-19 encoder that takes
+    seconds to build (a cohort run with a RadiomicGAN model: the demo, README)."""
     root = tmp_path_factory.mktemp("cohort_model")
     simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=3)
-    config = TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random", schedule="none",
+    config = TrainConfig(method="pix2pix", epochs=1, steps_per_epoch=2, batch=2, crop=32, schedule="none",
                          val_slices=1, device="cpu")
     train(root / "pairs", root / "model", config, progress=False)
     return root / "model"
