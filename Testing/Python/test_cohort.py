@@ -195,6 +195,11 @@ def test_lock_refuses_a_second_run(tree, filter_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another cohort run" in err[0]
     assert not (out / "qa.csv").exists()
+    listing = tmp_path / "inside.csv"  # a CSV that lists the folder the output would be written into
+    listing.write_text(f"path\n{tree / 'patient1' / 'b30'}\n")
+    with pytest.raises(RadiomicGANError, match="inside the input folder"):
+        run_cohort(listing, filter_model, tree / "patient1" / "b30" / "out", device="cpu", log=None)
+    assert not (tree / "patient1" / "b30" / "out").exists()
     with pytest.raises(RadiomicGANError, match="another cohort run"):
         with CohortLock(out):
             with CohortLock(out):
