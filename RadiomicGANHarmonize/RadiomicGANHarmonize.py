@@ -370,6 +370,7 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
         job = logic.process(getNode("CT"), "/models/rgan", waitForCompletion=False)  # returns at once
         job.poll(); job.progress; job.cancel()                                        # or job.wait()
         sharp = logic.simulateKernel(getNode("CT"), "B70")
+        job = logic.processCohort("/data/study", "/models/rgan", "/data/out", waitForCompletion=False)  # a whole folder
     """
 
     def getParameterNode(self):
