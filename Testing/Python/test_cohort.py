@@ -318,7 +318,12 @@ def test_torchrun_two_cpu_processes_give_the_same_report(tmp_path, filter_model)
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["cohort", str(tree), "--model", str(filter_model), "--device", "cpu", "--workers", "1"]
     assert main(args + ["--out", str(one)]) == 0
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as probe:  # a free port: another run of the suite may be using torchrun's default
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                     "-m", "radiomicgan.cli", *args, "--out", str(two)], env=ENV, check=True, capture_output=True, timeout=240)
     rows_one, volumes_one = _comparable(one)
     rows_two, volumes_two = _comparable(two)
