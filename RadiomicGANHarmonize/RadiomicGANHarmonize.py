@@ -293,19 +293,25 @@ class CohortSection:
         self.timer.connect("timeout()", self.onPoll)
 
     def cleanup(self):
-        if self.job is not None and self.job.running:
+        self.timer.stop()
+        if self.job is not None and self.job.running:  # never leave a process behind when Slicer closes
             self.job.cancel()
+            try:
+                self.job.wait(timeout=self.job.grace_s + 5)
+            except TimeoutError:
+                pass
 
     def onStartOrCancel(self):
         if self.job is not None and self.job.running:
-            self.job.cancel()
-            self._finish()
-            return
-        ok, message = self.widget.logic.ensureDependencies()
-        if not ok:
-            slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+            self.job.cancel()  # returns at once; onPoll sees the end (a kill after the grace period)
+            self.ui.cohortStartButton.enabled = False
+            self.ui.cohortStatusLabel.text = "Cancelling (finished scans are kept)..."
             return
         with slicer.util.tryWithErrorDisplay("The cohort run could not start.", waitCursor=True):
+            ok, message = self.widget.logic.ensureDependencies()  # an installation that fails shows its error here
+            if not ok:
+                slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+                return
             self.job = self.widget.logic.processCohort(self.ui.cohortInputPathLineEdit.currentPath,
                                                       self.ui.cohortModelPathLineEdit.currentPath,
                                                       self.ui.cohortOutputPathLineEdit.currentPath, waitForCompletion=False)
@@ -326,7 +332,7 @@ class CohortSection:
     def _finish(self):
         self.timer.stop()
         job, self.job = self.job, None
-        self.ui.cohortStartButton.text = "Start"
+        self.ui.cohortStartButton.text, self.ui.cohortStartButton.enabled = "Start", True
         self.ui.cohortStatusLabel.text = job.status_text()
         if job.status == "completed":
             node = self.widget.logic.cohortTable(job, self.ui.cohortTableSelector.currentNode())
@@ -364,6 +370,7 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
         job = logic.process(getNode("CT"), "/models/rgan", waitForCompletion=False)  # returns at once
         job.poll(); job.progress; job.cancel()                                        # or job.wait()
         sharp = logic.simulateKernel(getNode("CT"), "B70")
+        job = logic.processCohort("/data/study", "/models/rgan", "/data/out", waitForCompletion=False)  # a whole folder
     """
 
     def getParameterNode(self):

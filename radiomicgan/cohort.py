@@ -733,6 +733,8 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
     card = loaded.card
     # read-only checks before anything is written (the lock file is the first thing)
     scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
+    for folder in sorted({s.source for s in scans if s.kind == "dicom" and Path(s.source).is_dir()}):
+        check_output_path(out, [folder])  # a CSV may list folders that hold the output: never write among inputs
     if rois == "labels" and not any(s.roi for s in scans):
         raise RadiomicGANError("--rois labels: the input names no label map (give a CSV with a roi column)")
     if rois != "none":

@@ -41,10 +41,12 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny RadiomicGAN (B30 -> B50), so QA rows carry the discriminator's numbers too."""
+    """A tiny model with a discriminator (B30 -> B50), so QA rows carry its "standard" probability and Grad-CAM hot
+    fraction too: pix2pix, the same PatchGAN discriminator as RadiomicGAN's, without the VGG-19 encoder that takes
+    seconds to build (a cohort run with a RadiomicGAN model: the demo, README)."""
     root = tmp_path_factory.mktemp("cohort_model")
     simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=3)
-    config = TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random", schedule="none",
+    config = TrainConfig(method="pix2pix", epochs=1, steps_per_epoch=2, batch=2, crop=32, schedule="none",
                          val_slices=1, device="cpu")
     train(root / "pairs", root / "model", config, progress=False)
     return root / "model"
@@ -193,6 +195,11 @@ def test_lock_refuses_a_second_run(tree, filter_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another cohort run" in err[0]
     assert not (out / "qa.csv").exists()
+    listing = tmp_path / "inside.csv"  # a CSV that lists the folder the output would be written into
+    listing.write_text(f"path\n{tree / 'patient1' / 'b30'}\n")
+    with pytest.raises(RadiomicGANError, match="inside the input folder"):
+        run_cohort(listing, filter_model, tree / "patient1" / "b30" / "out", device="cpu", log=None)
+    assert not (tree / "patient1" / "b30" / "out").exists()
     with pytest.raises(RadiomicGANError, match="another cohort run"):
         with CohortLock(out):
             with CohortLock(out):
@@ -212,6 +219,22 @@ def test_qa_measures_pass_a_kernel_change_and_flag_a_hu_shift():
     assert any(flag.startswith("hu shift soft tissue +") for flag in qa_flags(shifted))
     moved = qa_measures(source, np.roll(target.hu, 4, axis=2))  # a model that moves the anatomy by 4 pixels
     assert moved["outline_shift_body_px"] >= 3 and any("outline shift body" in flag for flag in qa_flags(moved))
+
+
+def test_hu_range_boxes_as_rois():
+    from radiomicgan.cohort import Scan, Settings, _rois
+    from radiomicgan.reproducibility import body_mask
+
+    source, _, _ = phantom_pair(size=64, slices=3, seed=5)
+    rois = _rois(Scan(id="s", source=""), source, Settings(model="", out="", rois="ranges", per_range=3, roi_size_mm=4.0))
+    assert rois and {r.group for r in rois} <= {"[-800, -300]", "[-100, 250]", "[300, 800]"}
+    body = body_mask(source)
+    for roi in rois:  # wholly inside the body, mostly in the group's range
+        z0, z1, y0, y1, x0, x1 = roi.box
+        assert body[z0:z1, y0:y1, x0:x1].all()
+        lo, hi = (float(v) for v in roi.group.strip("[]").split(","))
+        values = source.hu[z0:z1, y0:y1, x0:x1]
+        assert np.mean((values >= lo) & (values <= hi)) >= 0.8
 
 
 def _kill_tree(tmp_path: Path, scans: int) -> Path:
@@ -257,9 +280,17 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, fi
 def test_markers_tie_results_to_input_model_and_settings(tmp_path, filter_model):
     import shutil
 
+    from radiomicgan.io import write_volume
+
     tree = _kill_tree(tmp_path, 2)
+    source, _, _ = phantom_pair(size=32, slices=4, seed=7)
+    write_volume(source, tree / "p9" / "scan.nrrd")  # a research-format scan: its result is an .nrrd too
     out = tmp_path / "out"
-    run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    result = run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
+    nrrd = {r["scan"]: r for r in result.rows}["p9/scan.nrrd"]
+    assert nrrd["status"] == "harmonized" and nrrd["output"] == "harmonized/p9/scan.nrrd"
+    harmonized = read_volume(out / nrrd["output"])
+    assert harmonized.same_geometry(source) and not np.array_equal(harmonized.hu, np.rint(source.hu))
     stamp = lambda: {p.name: p.stat().st_mtime_ns for p in (out / "markers").glob("*.json")}  # noqa: E731
     first = stamp()
     run_cohort(tree, filter_model, out, device="cpu", workers=1, log=None, report=False)
@@ -277,6 +308,7 @@ def test_markers_tie_results_to_input_model_and_settings(tmp_path, filter_model)
     third = stamp()
     changed = {name for name in second if third[name] != second[name]}
     assert changed == {marker_path(out, "p1").name}
+    assert len(second) == 3
     marker = json.loads(marker_path(out, "p1").read_text())
     assert marker["scan"] == "p1" and len(marker["input_hash"]) == len(marker["model_hash"]) == 64
 
@@ -286,7 +318,12 @@ def test_torchrun_two_cpu_processes_give_the_same_report(tmp_path, filter_model)
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["cohort", str(tree), "--model", str(filter_model), "--device", "cpu", "--workers", "1"]
     assert main(args + ["--out", str(one)]) == 0
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as probe:  # a free port: another run of the suite may be using torchrun's default
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                     "-m", "radiomicgan.cli", *args, "--out", str(two)], env=ENV, check=True, capture_output=True, timeout=240)
     rows_one, volumes_one = _comparable(one)
     rows_two, volumes_two = _comparable(two)
