@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radiomicgan.jobs import PROGRESS_OPTION, ExitCode
+from radiomicgan.jobs import PROGRESS_OPTION, ExitCode, failed_scans
 
 from .process import Job, JobStatus, core_command
 
@@ -97,22 +97,18 @@ class CohortJob(Job):
     def poll(self) -> JobStatus:
         """As ``Job.poll``; an exit status that counts failed scans (``radiomicgan.cohort.exit_status``) is a
         completed run."""
-        from radiomicgan.cohort import EXIT_SCANS_FAILED_BASE
-
         if self.status is JobStatus.RUNNING and not self.cancelled:
             code = self.process.poll()
-            if code is not None and EXIT_SCANS_FAILED_BASE < code < EXIT_SCANS_FAILED_BASE + 64:
+            if code is not None and code != ExitCode.OK and failed_scans(code) is not None:
                 self.exit_code = code
                 self.status = self._finished(code)
                 return self.status
         return super().poll()
 
     def _finished(self, code: int) -> JobStatus:
-        from radiomicgan.cohort import EXIT_SCANS_FAILED_BASE
-
         if code == ExitCode.CANCELLED:
             return JobStatus.CANCELLED
-        self.failed = code - EXIT_SCANS_FAILED_BASE if code else 0
+        self.failed = failed_scans(code) or 0
         self.rows = qa_rows(self.out)
         self.progress = 1.0
         return JobStatus.COMPLETED

@@ -33,11 +33,12 @@ import numpy as np
 
 from . import __version__
 from .errors import CTInputError, RadiomicGANError
+from .jobs import ExitCode, scans_failed_status
 from .kernels import preset_for_tag
 
 # Exit status of a run where scans failed: this base plus the number failed (capped at 63), so a script can read the
 # count; 0 when none failed. (A named constant here until the project's exit codes are unified.)
-EXIT_SCANS_FAILED_BASE = 64
+EXIT_SCANS_FAILED_BASE = int(ExitCode.SCANS_FAILED)  # kept for readers of this module; the contract is jobs.py
 MIN_SLICES = 3
 # pyradiomics parameters for quick cohort runs (the demo, the tests): original image only, about 100 features per ROI
 QUICK_PARAMS = Path(__file__).resolve().parent / "data" / "radiomics_cohort.yaml"
@@ -63,8 +64,7 @@ QA_COLUMNS = (
 STATUSES = ("harmonized", "reference", "skipped", "failed")
 
 
-def exit_status(failed: int) -> int:
-    return 0 if failed <= 0 else EXIT_SCANS_FAILED_BASE + min(int(failed), 63)
+exit_status = scans_failed_status
 
 
 # ------------------------------------------------------------------------------------------------ discovery

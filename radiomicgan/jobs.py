@@ -4,7 +4,8 @@ the names of the files the core writes. Both sides import these names; nothing h
 
 - Exit codes (``ExitCode``): 0 done, every output written; 2 a problem with the user's input (one
   ``radiomicgan: error: ...`` line, no traceback); 130 cancelled (Ctrl-C, SIGTERM or a stop request): staged files
-  removed, a training keeps its last complete epoch; 1 anything else (a bug: a traceback). A process killed from
+  removed, a training keeps its last complete epoch; 64 + n (at most 127) a cohort run in which n scans failed
+  alone (the rest done); 1 anything else (a bug: a traceback). A process killed from
   outside has a negative status on POSIX.
 - Progress (``--progress-json``): lines ``PROGRESS {json}`` on stderr, flushed, made by ``progress_line`` and read
   by ``parse_progress``. Keys ``task`` ("harmonize", "train", "evaluate"), ``stage``, ``done``, ``total`` (integers,
@@ -13,7 +14,8 @@ the names of the files the core writes. Both sides import these names; nothing h
   follows (the maps take about as long again). train: stage "epoch" after each complete epoch, ``done`` = epoch
   index + 1 of the configured epochs, with the epoch record's keys (``EPOCH_KEYS``). evaluate: stage "features"
   counts ROI measurements (``images`` x ``rois``), then "report" 0 of 1; its first line also says how many worker
-  processes measure and why (``workers``, ``workers_reason``).
+  processes measure and why (``workers``, ``workers_reason``). cohort: stage "scans" counts finished scans, with
+  ``eta_s``, ``failed`` and, under torchrun, ``rank``.
 - Warnings and errors: lines starting ``WARNING_PREFIX`` / ``ERROR_PREFIX``.
 - Stop request (``--stop-on-stdin``): the core reads its standard input; a line ``stop`` (or the input closing:
   the program that started it is gone) takes Ctrl-C's path. harmonize and evaluate remove what they staged and
@@ -39,6 +41,21 @@ class ExitCode(IntEnum):
     ERROR = 1  # an unexpected failure (a traceback)
     BAD_INPUT = 2  # one "radiomicgan: error:" line
     CANCELLED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+    SCANS_FAILED = 64  # cohort: 64 + n when n scans failed alone (capped at 127); the others are done
+
+
+def scans_failed_status(failed: int) -> int:
+    """A cohort run's exit status: 0 when no scan failed, else 64 + the number failed (at most 127)."""
+    return 0 if failed <= 0 else int(ExitCode.SCANS_FAILED) + min(int(failed), 63)
+
+
+def failed_scans(code: int | None) -> int | None:
+    """How many scans a cohort run's exit status says failed (0 for success), or None for any other status."""
+    if code == ExitCode.OK:
+        return 0
+    if code is not None and ExitCode.SCANS_FAILED < code < ExitCode.SCANS_FAILED + 64:
+        return code - ExitCode.SCANS_FAILED
+    return None
 
 
 PROGRESS_PREFIX = "PROGRESS "
