@@ -560,24 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum, frame):
-    """SIGTERM (a program cancelling this one, e.g. the Slicer modules) takes Ctrl-C's path, so every staged file
-    is removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
+    from .staging import sigterm_as_interrupt
 
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"radiomicgan: warning: {message}\n"
-    main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM")
-    previous_term = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # a cancel by SIGTERM removes every staging, as Ctrl-C does
+            return args.func(args)
     except RadiomicGANError as exc:
         print(f"radiomicgan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -590,8 +582,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     finally:
         warnings.formatwarning = previous_format
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,15 @@ and on the whole body per slice, Lin's CCC) in an HTML report; pictures.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .dataset import MANIFEST_FORMAT, load_manifest, load_pair
 from .errors import CTInputError
-from .io import move_into_place
+from .staging import staged
 from .metrics import anatomy_shift, psnr, ssim
 from .simulate import simulate_phantom_pairs
 
@@ -36,9 +34,7 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise CTInputError(f"{out}: exists and was not made by the demo; refusing to overwrite (use --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged(out, directory=True) as tmp:
         (tmp / DEMO_MARKER).write_text("made by `radiomicgan demo`; safe to delete\n")
         print(f"[1/5] simulating 4 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
         manifest_path = simulate_phantom_pairs(tmp / "data", 4, size=size, slices=slices, seed=seed)
@@ -89,10 +85,6 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
         print("[5/5] plotting")
         _plot_results(images, target.hu, tmp / "harmonization.png")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        move_into_place(tmp, out, overwrite=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"\nHeld-out scan {held_out.id} against its B50 reconstruction (HU clipped to [-1024, 3071]):")
     print(f"{'image':<22}{'PSNR (dB)':>10}{'SSIM':>8}{'train (s)':>11}   outline shift vs input, body / lung (px)")
     for name, row in rows.items():

@@ -14,13 +14,13 @@ import math
 import os
 import pickle
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
 from .errors import RadiomicGANError
+from .staging import staged, write_text
 from .window import STANDARD_RANGE
 
 MODEL_FORMAT = "radiomicgan-model/1"
@@ -68,23 +68,8 @@ def build_networks(card: dict):
 def atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
+    with staged(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def safe_load(path: Path) -> Any:
@@ -100,8 +85,8 @@ def safe_load(path: Path) -> Any:
 
 
 def write_card(folder: Path, card: dict) -> None:
-    atomic_write_text(folder / CARD_NAME, json.dumps(card, indent=2) + "\n")
-    atomic_write_text(folder / CARD_MD, render_card(card))
+    write_text(folder / CARD_NAME, json.dumps(card, indent=2) + "\n")
+    write_text(folder / CARD_MD, render_card(card))
 
 
 def render_card(card: dict) -> str:

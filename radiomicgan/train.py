@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +41,7 @@ from .modelio import (
     safe_load,
     write_card,
 )
+from .staging import on_interrupt, staged
 from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window
 
 LOG_NAME = "train_log.jsonl"
@@ -123,18 +123,16 @@ class Cancel:
     def __init__(self, flag_file: Path | None):
         self.flag_file = flag_file
         self.requested = False
-        self._previous = None
+        self._interrupts = on_interrupt(self._on_signal)
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT") and _main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        self._interrupts.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        return self._interrupts.__exit__(*exc)
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self):
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
@@ -144,12 +142,6 @@ class Cancel:
         if self.flag_file is not None and self.flag_file.exists():
             self.requested = True
         return self.requested
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class _Distributed:
@@ -660,9 +652,8 @@ def _cam_samples(out: Path, generator, discriminator, val, config, device) -> bo
     shapes = {s.shape for s, _ in val}
     samples = np.stack([s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]])
     synthesized, cams = synthesize_with_cam(generator, discriminator, samples, config.hu_range, device)
-    partial = out / f".{CAM_SAMPLES}.partial.npz"
-    np.savez_compressed(partial, source=samples, synthesized=synthesized, cam=cams)
-    os.replace(partial, out / CAM_SAMPLES)
+    with staged(out / CAM_SAMPLES) as tmp:
+        np.savez_compressed(tmp, source=samples, synthesized=synthesized, cam=cams)
     return True
 
 
