@@ -278,15 +278,15 @@ def cmd_train(args) -> int:
     card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None,
                  on_epoch=on_epoch)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        v = card.get("validation", {})
-        status = card.get("training", {}).get("status", "completed")
+        v = card.validation
+        status = card.training.status or "completed"
         if status == "cancelled":
-            done = card.get("training", {}).get("epochs_done", 0)
+            done = card.training.epochs_done
             kept = f"{args.out} keeps epoch {done} (continue with --resume)" if done else "no epoch completed; nothing kept"
             print(f"radiomicgan: cancelled: {kept}", file=sys.stderr)
             return EXIT_CANCELLED
-        print(f"{status}: {args.out} ({card['method']}); validation PSNR input {v.get('input_psnr_db', float('nan')):.2f} dB "
-              f"-> model {v.get('psnr_db', float('nan')):.2f} dB")
+        print(f"{status}: {args.out} ({card.method}); validation PSNR input {v.input_psnr_db if v else float('nan'):.2f} dB "
+              f"-> model {v.psnr_db if v else float('nan'):.2f} dB")
     return 0
 
 
@@ -309,7 +309,7 @@ def cmd_harmonize(args) -> int:
         result = harmonize_file(args.input, harmonizer, args.out, gradcam_output=args.gradcam, series_uid=args.series,
                                 overwrite=args.overwrite, th_fail=args.th_fail, progress=progress)
     slices = result.volume.shape[0]
-    print(f"wrote {args.out}: {slices} slices harmonized to {harmonizer.model.card.get('target_kernel')} in "
+    print(f"wrote {args.out}: {slices} slices harmonized to {harmonizer.model.card.target_kernel} in "
           f"{result.seconds:.1f} s on {result.device} (batch {result.batch})")
     if result.windows:
         for name in ("input", "harmonized"):

@@ -19,6 +19,7 @@ import numpy as np
 
 from .dataset import MANIFEST_FORMAT, load_manifest, load_pair
 from .errors import CTInputError
+from .card import ModelCard
 from .staging import staged
 from .metrics import anatomy_shift, psnr, ssim
 from .simulate import simulate_phantom_pairs
@@ -70,16 +71,16 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
         rois += body_slice_rois(target)
         evaluation = evaluate(target, candidates, rois, bootstrap=50, seed=seed, reference_name="reference (B50)")
         write_report(evaluation, tmp / "report", {"reference (B50)": target, **candidates})
-        card = json.loads((models["RadiomicGAN"] / "model.json").read_text())
+        card = ModelCard.read(models["RadiomicGAN"])
         summary = {
             "held_out_scan": held_out.id,
             "reference": "the same scan reconstructed with B50",
             "metrics_hu_range": [-1024, 3071],
             "results": rows,
             "reproducibility": evaluation.summary["groups"],
-            "radiomicgan": {"vgg_source": card["architecture"]["vgg_source"], "encoder": card["architecture"].get("encoder"),
-                            "window_scaling": card.get("window_scaling"), "best_epoch": card["training"].get("best_epoch"),
-                            "final_window": card.get("final_window"), "window_history": card.get("window_history")},
+            "radiomicgan": {"vgg_source": card.architecture["vgg_source"], "encoder": card.architecture.get("encoder"),
+                            "window_scaling": card.window_scaling, "best_epoch": card.training.best_epoch,
+                            "final_window": list(card.final_window) if card.final_window else None, "window_history": card.window_history},
         }
 
         print("[5/5] plotting")
@@ -133,8 +134,8 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
                          f"      {name} epoch {r['epoch'] + 1}: {_windows_text(r)} HU, "
                          f"validation PSNR {r['val_psnr_db']:.2f} dB (input {r['val_input_psnr_db']:.2f})"))
         if config.method == "filter":
-            v = card["validation"]
-            print(f"      {name}: fitted; validation PSNR {v['psnr_db']:.2f} dB (input {v['input_psnr_db']:.2f})")
+            v = card.validation
+            print(f"      {name}: fitted; validation PSNR {v.psnr_db:.2f} dB (input {v.input_psnr_db:.2f})")
         folders[name] = target
         seconds[name] = time.perf_counter() - started
     return folders, seconds

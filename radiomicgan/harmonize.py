@@ -35,7 +35,7 @@ from .io import (
     written_by_radiomicgan,
 )
 from .kernels import preset_for_tag
-from .modelio import LoadedModel, load_model, resolve_device
+from .modelio import LoadedModel, ModelCard, load_model, resolve_device
 from .staging import staged_many
 from .volume import CTVolume
 
@@ -375,7 +375,7 @@ def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), devi
 
 def check_kernel(volume: CTVolume, model: LoadedModel) -> str | None:
     """A warning text when the scan's kernel tag is not the model's source kernel (never an error: tags vary)."""
-    source = model.card.get("source_kernel", "")
+    source = model.card.source_kernel
     expected = preset_for_tag(source) or None
     found = preset_for_tag(volume.meta.kernel)
     if not volume.meta.kernel:
@@ -406,7 +406,7 @@ def harmonize_volume(
     started = time.perf_counter()
     hu = harmonizer.harmonize(volume.hu, volume.spacing[:2], progress=progress, cancel=cancel)
     card = harmonizer.model.card
-    target = card.get("target_kernel", "standard")
+    target = card.target_kernel or "standard"
     result = HarmonizeResult(
         volume=volume.with_hu(hu, series_description=f"{volume.meta.series_description or 'CT'} harmonized to {target}"[:64]),
         device=harmonizer.device, batch=harmonizer.batch,
@@ -414,18 +414,18 @@ def harmonize_volume(
     if gradcam:
         result.cam_input, input_summary = harmonizer.gradcam(volume.hu, volume.hu, th_fail, cancel)
         result.cam_output, output_summary = harmonizer.gradcam(volume.hu, hu, th_fail, cancel)
-        result.windows = {"method": card["method"], "source_kernel": card.get("source_kernel"), "target_kernel": target,
+        result.windows = {"method": card.method, "source_kernel": card.source_kernel, "target_kernel": target,
                           "input": input_summary, "harmonized": output_summary}
     result.seconds = time.perf_counter() - started
     result.notes = list(harmonizer.notes) + ([warning] if warning else [])
     return result
 
 
-def derivation_text(volume: CTVolume, card: dict) -> str:
+def derivation_text(volume: CTVolume, card: ModelCard) -> str:
     from . import __version__
 
-    return (f"RadiomicGAN {__version__}: {card['method']} model harmonized kernel {volume.meta.kernel or card.get('source_kernel')} "
-            f"to {card.get('target_kernel')} over {card.get('hu_range')} HU")
+    return (f"RadiomicGAN {__version__}: {card.method} model harmonized kernel {volume.meta.kernel or card.source_kernel} "
+            f"to {card.target_kernel} over {list(card.hu_range)} HU")
 
 
 def cam_paths(cam_output: Path) -> tuple[Path, Path, Path]:

@@ -25,13 +25,13 @@ import numpy as np
 
 from . import __version__
 from .dataset import Manifest, SliceSampler, load_manifest
-from .errors import RadiomicGANError
+from .card import DataRecord, ModelCard, TrainingRecord, ValidationRecord
+from .errors import TrainingError
 from .metrics import psnr
 from .modelio import (
     CARD_NAME,
     CHECKPOINT_NAME,
     METHODS,
-    MODEL_FORMAT,
     NETWORK_METHODS,
     WEIGHTS_NAME,
     LoadedModel,
@@ -39,7 +39,6 @@ from .modelio import (
     build_networks,
     resolve_device,
     safe_load,
-    write_card,
 )
 from .staging import on_interrupt, staged
 from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window
@@ -48,10 +47,6 @@ LOG_NAME = "train_log.jsonl"
 CANCEL_NAME = "CANCEL"
 MIN_GAN_CROP = 32  # below it the U-Net bottleneck (1/8) or the PatchGAN's last layers shrink to 1x1 (instance norm fails)
 WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
-
-
-class TrainingError(RadiomicGANError):
-    pass
 
 
 # Adam learning rates. RadiomicGAN and pix2pix: 2e-4, as pix2pix and the authors' script use (the paper says
@@ -266,7 +261,7 @@ def train(
         if config.method in ("filter", "histmatch"):
             return _fit_closed_form(manifest, out, config, resume)
         card = _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
-        if created and card.get("training", {}).get("status") == "cancelled" and out.is_dir() and not any(out.iterdir()):
+        if created and card.training.status == "cancelled" and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # cancelled before a first epoch, in a folder this run made: leave nothing
         return card
     except BaseException:
@@ -281,28 +276,23 @@ def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:
     if resume:
         if not (out / CHECKPOINT_NAME).is_file() or not (out / CARD_NAME).is_file():
             raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
-        previous = json.loads((out / CARD_NAME).read_text())
+        previous = ModelCard.read(out)
         for key in ("method", "schedule"):
-            if previous.get(key) != getattr(config, key):
-                raise TrainingError(f"{out}: was trained with {key} '{previous.get(key)}', not '{getattr(config, key)}'; cannot resume")
+            if getattr(previous, key) != getattr(config, key):
+                raise TrainingError(f"{out}: was trained with {key} '{getattr(previous, key)}', not '{getattr(config, key)}'; cannot resume")
     elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
         raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _base_card(manifest: Manifest, config: TrainConfig) -> dict:
+def _base_card(manifest: Manifest, config: TrainConfig) -> ModelCard:
     source_kernel, target_kernel = manifest.kernels
-    return {
-        "format": MODEL_FORMAT,
-        "method": config.method,
-        "schedule": config.schedule if config.method in NETWORK_METHODS else None,
-        "source_kernel": source_kernel,
-        "target_kernel": target_kernel,
-        "hu_range": list(config.hu_range),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "versions": _versions(),
-        "data": {"manifest": str(manifest.path), "pairs": len(manifest.pairs)},
-    }
+    return ModelCard(
+        method=config.method, source_kernel=source_kernel, target_kernel=target_kernel, hu_range=tuple(config.hu_range),
+        schedule=config.schedule if config.method in NETWORK_METHODS else None,
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        versions=_versions(), data=DataRecord(manifest=str(manifest.path), pairs=len(manifest.pairs)),
+    )
 
 
 def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume: bool) -> dict:
@@ -321,14 +311,12 @@ def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume:
     spacing = sampler.volumes[0][0].spacing[:2]
     loaded = LoadedModel(card=card, baseline=model)
     model_psnr, input_psnr = validation_psnr(loaded, val, spacing, "cpu")
-    card.update(
-        architecture={"baseline": config.method},
-        data={**card["data"], "pairs": len(train_set.pairs), "slices": len(sampler), "validation": val_label},
-        validation={"psnr_db": model_psnr, "input_psnr_db": input_psnr, "slices": len(val)},
-        training={"epochs": 0, "epochs_done": 0, "steps_done": 0, "device": "cpu", "precision": "float64", "closed_form": True},
-    )
+    card.architecture = {"baseline": config.method}
+    card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
+    card.validation = ValidationRecord(psnr_db=model_psnr, input_psnr_db=input_psnr, slices=len(val))
+    card.training = TrainingRecord(device="cpu", precision="float64", epochs=0, closed_form=True)
     atomic_torch_save(model.state(), out / WEIGHTS_NAME)
-    write_card(out, card)
+    card.write(out)
     return card
 
 
@@ -352,15 +340,14 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         torch.manual_seed(config.seed)
 
         card = _base_card(manifest, config)
-        card["architecture"] = {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg, "head_gain": config.head_gain}
-        generator, discriminator = build_networks(card)
-        card["architecture"]["vgg_source"] = getattr(generator, "vgg_source", "none (no pretrained encoder)")
-        card["architecture"]["finetune_vgg"] = getattr(generator, "finetune_vgg", None)
-        card["architecture"]["encoder"] = getattr(generator, "encoder", None)
-        card["architecture"].pop("vgg_weights")
-        card["window_scaling"] = config.window_scaling
-        card["inference_window"] = list(config.hu_range)
-        if "random" in card["architecture"]["vgg_source"] and config.method == "radiomicgan" and dist.main:
+        generator, discriminator = build_networks(config.method, {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg,
+                                                                  "head_gain": config.head_gain})
+        card.architecture = {"finetune_vgg": getattr(generator, "finetune_vgg", None), "head_gain": config.head_gain,
+                             "vgg_source": getattr(generator, "vgg_source", "none (no pretrained encoder)"),
+                             "encoder": getattr(generator, "encoder", None)}
+        card.window_scaling = config.window_scaling
+        card.inference_window = tuple(config.hu_range)
+        if "random" in card.architecture["vgg_source"] and config.method == "radiomicgan" and dist.main:
             print("radiomicgan: VGG-19 encoder randomly initialised (not ImageNet), as asked; recorded in the model card",
                   file=sys.stderr)
         cuda = device.startswith("cuda")
@@ -406,9 +393,9 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
 
         autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        card["training"] = {"device": device, "precision": "bf16 autocast + channels_last" if cuda else "float32",
-                            "world_size": dist.world_size, "epochs": config.epochs}
-        card["data"].update(pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
+        card.training = TrainingRecord(device=device, precision="bf16 autocast + channels_last" if cuda else "float32",
+                                       world_size=dist.world_size, epochs=config.epochs)
+        card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
 
         bar = None
         show = progress if progress is not None else sys.stderr.isatty()
@@ -468,13 +455,13 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                     improved = epoch_record["val_psnr_db"] > best["psnr_db"]
                     if improved:
                         best = {"psnr_db": epoch_record["val_psnr_db"], "epoch": epoch, "window": list(window)}
-                        card["validation"] = {"psnr_db": epoch_record["val_psnr_db"], "input_psnr_db": epoch_record["val_input_psnr_db"],
-                                              "slices": len(val), "epoch": epoch}
-                        card["final_window"] = list(window)
+                        card.validation = ValidationRecord(psnr_db=epoch_record["val_psnr_db"], input_psnr_db=epoch_record["val_input_psnr_db"],
+                                                           slices=len(val), epoch=epoch)
+                        card.final_window = tuple(window)
                     epoch_record["best_epoch"] = best["epoch"]
-                    card["window_history"] = schedule.history
-                    card["training"].update(epochs_done=epoch + 1, steps_done=steps_done, best_epoch=best["epoch"],
-                                            last_val_psnr_db=epoch_record["val_psnr_db"])
+                    card.window_history = schedule.history
+                    card.training.epochs_done, card.training.steps_done = epoch + 1, steps_done
+                    card.training.best_epoch, card.training.last_val_psnr_db = best["epoch"], epoch_record["val_psnr_db"]
                     _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done, best, improved)
                     if _cam_samples(out, generator, discriminator, val, config, device):  # of this epoch's model
                         epoch_record["cam_samples"] = CAM_SAMPLES
@@ -490,10 +477,10 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
                 log.write(json.dumps({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1}) + "\n")
             log.write(json.dumps({"event": "end", "status": status, "steps": steps_done}) + "\n")
             log.close()
-            card["training"]["status"] = status
+            card.training.status = status
             if (out / CARD_NAME).exists():
-                write_card(out, card)
-                if best["epoch"] is not None and best["epoch"] + 1 != card["training"].get("epochs_done"):
+                card.write(out)
+                if best["epoch"] is not None and best["epoch"] + 1 != card.training.epochs_done:
                     _restore_best(out, generator, discriminator)  # the plots show the model users get
                 _plots(out, card, generator, discriminator, val, config, device)
             elif status == "cancelled":
@@ -593,7 +580,7 @@ def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, st
             weights["discriminator"] = discriminator.state_dict()
         atomic_torch_save(weights, out / WEIGHTS_NAME)
     atomic_torch_save(checkpoint, out / CHECKPOINT_NAME)
-    write_card(out, card)
+    card.write(out)
 
 
 def _restore_best(out: Path, generator, discriminator) -> None:
@@ -610,7 +597,7 @@ def _remove_empty_run(out: Path) -> None:
         (out / LOG_NAME).unlink()
 
 
-def _plots(out: Path, card: dict, generator, discriminator, val, config, device) -> None:
+def _plots(out: Path, card: ModelCard, generator, discriminator, val, config, device) -> None:
     """The window history (paper Fig. 5a) and the sample Grad-CAM maps (Fig. 5b; their data is written after every
     epoch by ``_cam_samples``), saved as plots."""
     import matplotlib
@@ -618,7 +605,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = card.get("window_history", [])
+    history = card.window_history or []
     if history:
         fig, ax = plt.subplots(figsize=(8.5, 3.6))
         epochs = [h["epoch"] for h in history]
@@ -636,7 +623,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         ax.set_xlabel("epoch")
         ax.set_ylabel("training window (HU)")
         ax.set_xticks(epochs)
-        ax.set_title(f"Dynamic window-based training: {card.get('schedule')} schedule")
+        ax.set_title(f"Dynamic window-based training: {card.schedule} schedule")
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
         fig.tight_layout()
         fig.savefig(out / WINDOWS_PLOT, dpi=100)
