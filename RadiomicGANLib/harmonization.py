@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .process import BackgroundProcess, CoreOutput, core_command, parse_progress
 
-DISCRIMINATOR_METHODS = ("radiomicgan", "pix2pix")  # the others have no discriminator, hence no Grad-CAM
 FIGURES = ("windows.png", "gradcam_samples.png", "losses.png", "validation.png")
 
 
@@ -44,7 +43,10 @@ def read_model_card(folder):
 
 
 def supports_gradcam(card) -> bool:
-    return card.method in DISCRIMINATOR_METHODS
+    """Only methods with a discriminator have Grad-CAM (``radiomicgan.methods``)."""
+    from radiomicgan.methods import REGISTRY
+
+    return REGISTRY[card.method].discriminator
 
 
 def model_figures(folder) -> list[Path]:

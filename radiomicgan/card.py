@@ -102,7 +102,7 @@ class ModelCard:
     @classmethod
     def from_dict(cls, raw: Any, where: str = "model card") -> "ModelCard":
         """A card from its JSON object; ``ModelError`` (one line naming ``where``) when it is not a valid one."""
-        from .modelio import METHODS
+        from .methods import METHODS
 
         if not isinstance(raw, dict):
             raise ModelError(f"{where}: not a {FORMAT} card (a JSON {type(raw).__name__}, not an object)")

@@ -133,7 +133,7 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
                      on_epoch=lambda r, name=name: print(
                          f"      {name} epoch {r['epoch'] + 1}: {_windows_text(r)} HU, "
                          f"validation PSNR {r['val_psnr_db']:.2f} dB (input {r['val_input_psnr_db']:.2f})"))
-        if config.method == "filter":
+        if card.training.closed_form:
             v = card.validation
             print(f"      {name}: fitted; validation PSNR {v.psnr_db:.2f} dB (input {v.input_psnr_db:.2f})")
         folders[name] = target

@@ -19,12 +19,12 @@ from typing import Any
 
 from .card import CARD_MD, CARD_NAME, FORMAT as MODEL_FORMAT, ModelCard
 from .errors import ModelError, RadiomicGANError
+from .methods import METHODS, NETWORK_METHODS, REGISTRY
 from .staging import staged
 
 WEIGHTS_NAME, CHECKPOINT_NAME = "weights.pt", "checkpoint.pt"
-NETWORK_METHODS = ("radiomicgan", "pix2pix", "choe")
-METHODS = (*NETWORK_METHODS, "filter", "histmatch")
-__all__ = ["CARD_MD", "CARD_NAME", "MODEL_FORMAT", "ModelCard", "ModelError", "WEIGHTS_NAME", "CHECKPOINT_NAME"]
+__all__ = ["CARD_MD", "CARD_NAME", "MODEL_FORMAT", "METHODS", "NETWORK_METHODS", "ModelCard", "ModelError", "WEIGHTS_NAME",
+           "CHECKPOINT_NAME"]
 
 
 def resolve_device(name: str) -> str:
@@ -42,20 +42,9 @@ def resolve_device(name: str) -> str:
 
 def build_networks(method: str, arch: dict):
     """(generator, discriminator or None) for a method and a card's architecture, weights not loaded."""
-    from .models import ChoeCNN, PatchDiscriminator, RadiomicGANGenerator, UNetGenerator
-
-    if method == "radiomicgan":
-        generator = RadiomicGANGenerator(vgg_weights=arch.get("vgg_weights", "random"), finetune_vgg=arch.get("finetune_vgg"),
-                                         decoder_channels=tuple(arch.get("decoder_channels", (256, 128, 64, 32))),
-                                         head_gain=arch.get("head_gain", 1.0))
-    elif method == "pix2pix":
-        generator = UNetGenerator(tuple(arch.get("channels", (32, 64, 128, 256))))
-    elif method == "choe":
-        generator = ChoeCNN(arch.get("channels", 64), arch.get("layers", 6))
-    else:
+    if method not in REGISTRY or REGISTRY[method].build is None:
         raise ModelError(f"method '{method}' has no network")
-    discriminator = PatchDiscriminator(arch.get("discriminator_channels", 64)) if method != "choe" else None
-    return generator, discriminator
+    return REGISTRY[method].build(arch)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -115,15 +104,9 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     if not isinstance(state, dict):
         raise ModelError(f"{folder / WEIGHTS_NAME}: holds no state dict")
     model = LoadedModel(card=card)
-    if card.method == "filter":
-        from .baselines import FilterHarmonizer
-
-        model.baseline = _from_state(FilterHarmonizer, state, folder)
-        return model
-    if card.method == "histmatch":
-        from .baselines import HistMatchHarmonizer
-
-        model.baseline = _from_state(HistMatchHarmonizer, state, folder)
+    method = REGISTRY[card.method]
+    if not method.network:
+        model.baseline = _from_state(method, state, folder)
         return model
     generator, discriminator = build_networks(card.method, {**card.architecture, "vgg_weights": "random"})  # the file has them
     _load_state(generator, state.get("generator"), folder, "generator")
@@ -135,11 +118,11 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return model
 
 
-def _from_state(cls, state, folder):
+def _from_state(method, state, folder):
     try:
-        return cls.from_state(state)
+        return method.load(state)
     except (KeyError, AttributeError) as exc:
-        raise ModelError(f"{folder / WEIGHTS_NAME}: does not hold {cls.method} parameters (missing {exc})") from None
+        raise ModelError(f"{folder / WEIGHTS_NAME}: does not hold {method.name} parameters (missing {exc})") from None
 
 
 def _load_state(module, state, folder: Path, name: str) -> None:

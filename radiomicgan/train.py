@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,14 +24,13 @@ import numpy as np
 
 from . import __version__
 from .dataset import Manifest, SliceSampler, load_manifest
+from . import methods
 from .card import DataRecord, ModelCard, TrainingRecord, ValidationRecord
 from .errors import TrainingError
 from .metrics import psnr
 from .modelio import (
     CARD_NAME,
     CHECKPOINT_NAME,
-    METHODS,
-    NETWORK_METHODS,
     WEIGHTS_NAME,
     LoadedModel,
     atomic_torch_save,
@@ -40,73 +38,14 @@ from .modelio import (
     resolve_device,
     safe_load,
 )
+from .settings import TrainConfig
 from .staging import on_interrupt, staged
-from .window import STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window
+from .window import WindowSchedule, apply_window, growing_steps_per_window, select_window
 
 LOG_NAME = "train_log.jsonl"
 CANCEL_NAME = "CANCEL"
-MIN_GAN_CROP = 32  # below it the U-Net bottleneck (1/8) or the PatchGAN's last layers shrink to 1x1 (instance norm fails)
 WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
-
-
-# Adam learning rates. RadiomicGAN and pix2pix: 2e-4, as pix2pix and the authors' script use (the paper says
-# 1e-4); measured on the real slice at the demo's budget (300 steps): 48.5 dB at 2e-4 against 45.0 dB at 1e-4
-# (bench/real_slice_sweep.sh, README). Choe et al.: their published 1e-4.
-DEFAULT_LR = {"radiomicgan": 2e-4, "pix2pix": 2e-4, "choe": 1e-4}
-
-
-@dataclass
-class TrainConfig:
-    method: str = "radiomicgan"
-    schedule: str = "dwt"
-    epochs: int = 30  # the paper's maximum
-    steps_per_epoch: int = 100
-    batch: int = 4
-    crop: int = 128
-    lr: float | None = None  # None: DEFAULT_LR for the method
-    beta1: float = 0.5  # paper
-    lr_decay: bool = True  # pix2pix: constant for the first half of the steps, then linearly to zero
-    lambda_l1: float = 100.0
-    adversarial_warmup: int = 0  # first steps with the L1 loss only (the discriminator trains meanwhile)
-    window_scaling: str = "fixed"  # "window" (the paper's min-max per window) or "fixed" (over hu_range)
-    consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
-    th_acc: float = 0.5
-    th_eta: int = 2
-    growing_share: float = 0.25  # fixed growing takes at most this share of the steps (0: paced by th_eta epochs only)
-    th_fail: float = 0.5
-    cam_subset: int = 8  # |P|: slices whose Grad-CAM picks the next window
-    window_step: float = 256.0
-    hu_range: tuple[float, float] = STANDARD_RANGE
-    vgg_weights: str = "imagenet"
-    finetune_vgg: bool | None = None  # None: frozen for pretrained weights (paper), trained when random
-    head_gain: float = 1.0
-    device: str = "auto"
-    seed: int = 0
-    val_slices: int = 8
-    log_every: int = 10
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.method, 1e-4)
-        if self.method not in METHODS:
-            raise TrainingError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.method in ("choe", "pix2pix") and self.schedule != "none":
-            raise TrainingError(f"method '{self.method}' trains on the whole range: use --schedule none")
-        for name in ("epochs", "steps_per_epoch", "batch", "crop", "th_eta", "cam_subset"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name.replace('_', '-')} must be at least 1")
-        if self.window_scaling not in WINDOW_SCALINGS:
-            raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
-        if not 0.0 <= self.growing_share <= 1.0:
-            raise TrainingError(f"growing share must be a fraction in [0, 1], got {self.growing_share}")
-        if not 0.0 <= self.consolidate < 1.0:
-            raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
-        if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
-            raise TrainingError(f"crop {self.crop} must be a multiple of 8 (three poolings in the U-Net)")
-        if self.method in ("radiomicgan", "pix2pix") and self.crop < MIN_GAN_CROP:
-            raise TrainingError(f"crop {self.crop}: {self.method} needs at least {MIN_GAN_CROP}x{MIN_GAN_CROP} pixels (smaller, "
-                                f"its bottleneck and discriminator shrink to 1x1); use --crop {MIN_GAN_CROP} or more")
+__all__ = ["TrainConfig", "TrainingError", "train"]  # TrainConfig: every setting, defined in radiomicgan.settings
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -251,15 +190,15 @@ def train(
     progress: bool | None = None,
     cancel_file: Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
-) -> dict:
+) -> ModelCard:
     """Train and write a model folder; returns the card. ``on_epoch`` receives each epoch's record."""
     config.check()
     manifest = load_manifest(pairs)
     out = Path(out)
     created = not out.exists()
     try:
-        if config.method in ("filter", "histmatch"):
-            return _fit_closed_form(manifest, out, config, resume)
+        if not methods.get(config.method).network:
+            return _fit_closed_form(manifest, out, config)
         card = _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
         if created and card.training.status == "cancelled" and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # cancelled before a first epoch, in a folder this run made: leave nothing
@@ -289,28 +228,20 @@ def _base_card(manifest: Manifest, config: TrainConfig) -> ModelCard:
     source_kernel, target_kernel = manifest.kernels
     return ModelCard(
         method=config.method, source_kernel=source_kernel, target_kernel=target_kernel, hu_range=tuple(config.hu_range),
-        schedule=config.schedule if config.method in NETWORK_METHODS else None,
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        schedule=config.schedule if methods.get(config.method).network else None, config=config.as_card(),
         versions=_versions(), data=DataRecord(manifest=str(manifest.path), pairs=len(manifest.pairs)),
     )
 
 
-def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume: bool) -> dict:
-    from .baselines import FilterHarmonizer, HistMatchHarmonizer
-
+def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig) -> ModelCard:
     _prepare_output(out, False, config)
     train_set, val, val_label = _split(manifest, config.val_slices)
     sampler = SliceSampler(train_set, crop=None)
     triples = [(s.hu, t.hu, s.spacing[:2]) for s, t in sampler.volumes]
-    if config.method == "filter":
-        nyquist = max(0.5 / min(sp) for _, _, sp in triples)
-        model = FilterHarmonizer.fit(triples, nyquist)
-    else:
-        model = HistMatchHarmonizer.fit(triples)
+    model = methods.get(config.method).fit(triples, max(0.5 / min(sp) for _, _, sp in triples))
     card = _base_card(manifest, config)
     spacing = sampler.volumes[0][0].spacing[:2]
-    loaded = LoadedModel(card=card, baseline=model)
-    model_psnr, input_psnr = validation_psnr(loaded, val, spacing, "cpu")
+    model_psnr, input_psnr = validation_psnr(LoadedModel(card=card, baseline=model), val, spacing, "cpu")
     card.architecture = {"baseline": config.method}
     card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
     card.validation = ValidationRecord(psnr_db=model_psnr, input_psnr_db=input_psnr, slices=len(val))
@@ -320,176 +251,205 @@ def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume:
     return card
 
 
-def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    device = resolve_device(config.device)
-    dist = _Distributed(device)
-    device = dist.device
+def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch) -> ModelCard:
+    """The epoch loop; what each part does is a method of ``_Run``."""
+    dist = _Distributed(resolve_device(config.device))
     try:
+        run = _Run(manifest, out, config, resume, dist, progress)
+        status = "completed"
+        with Cancel(cancel_file or out / CANCEL_NAME) as cancel:
+            for epoch in range(run.start_epoch, config.epochs):
+                window, started = run.schedule.window, time.perf_counter()
+                means = run.train_epoch(epoch, cancel)
+                if means is None:
+                    status = "cancelled"
+                    break
+                record = run.end_epoch(epoch, window, means, started)
+                if record is not None and on_epoch:
+                    on_epoch(record)
+        run.finish(status, cancel)
+        return run.card
+    finally:
+        dist.close()
+
+
+class _Run:
+    """One network training run: data, networks, optimisers, window schedule, model card and log, set up (or
+    resumed from ``checkpoint.pt``) once; then an epoch of steps, the end of an epoch, the end of the run."""
+
+    def __init__(self, manifest, out: Path, config: TrainConfig, resume: bool, dist: "_Distributed", progress: bool | None):
+        import torch
+
+        self.out, self.config, self.dist, self.method = out, config, dist, methods.get(config.method)
+        device = self.device = dist.device
         if dist.main:
             _prepare_output(out, resume, config)
-        train_set, val, val_label = _split(manifest, config.val_slices)
-        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
-        for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
-            if min(source.shape[1:]) < MIN_GAN_CROP:
+        train_set, self.val, val_label = _split(manifest, config.val_slices)
+        self.sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        for source, _ in self.sampler.volumes:
+            if min(source.shape[1:]) < self.method.min_crop:
+                m = self.method.min_crop
                 raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
-                                    f"at least {MIN_GAN_CROP}x{MIN_GAN_CROP} (smaller, its discriminator shrinks to 1x1)")
-        spacing = sampler.volumes[0][0].spacing[:2]
+                                    f"at least {m}x{m} (smaller, its discriminator shrinks to 1x1)")
+        self.spacing = self.sampler.volumes[0][0].spacing[:2]
         torch.manual_seed(config.seed)
-
-        card = _base_card(manifest, config)
-        generator, discriminator = build_networks(config.method, {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg,
-                                                                  "head_gain": config.head_gain})
+        self.card = card = _base_card(manifest, config)
+        self.generator, self.discriminator = build_networks(config.method, {
+            "vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg, "head_gain": config.head_gain})
+        generator, discriminator = self.generator, self.discriminator
         card.architecture = {"finetune_vgg": getattr(generator, "finetune_vgg", None), "head_gain": config.head_gain,
                              "vgg_source": getattr(generator, "vgg_source", "none (no pretrained encoder)"),
                              "encoder": getattr(generator, "encoder", None)}
-        card.window_scaling = config.window_scaling
-        card.inference_window = tuple(config.hu_range)
-        if "random" in card.architecture["vgg_source"] and config.method == "radiomicgan" and dist.main:
+        card.window_scaling, card.inference_window = config.window_scaling, tuple(config.hu_range)
+        if "random" in card.architecture["vgg_source"] and dist.main:
             print("radiomicgan: VGG-19 encoder randomly initialised (not ImageNet), as asked; recorded in the model card",
                   file=sys.stderr)
         cuda = device.startswith("cuda")
-        memory_format = torch.channels_last if cuda else torch.contiguous_format
-        generator.to(device, memory_format=memory_format)
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        generator.to(device, memory_format=self.memory_format)
         if discriminator is not None:
-            discriminator.to(device, memory_format=memory_format)
-        g_params = [p for p in generator.parameters() if p.requires_grad]
-        if config.method == "choe":
-            opt_g = torch.optim.Adam(g_params, lr=config.lr)
-        else:
-            opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, 0.999))
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
-        consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
-        total_steps = config.epochs * config.steps_per_epoch
-        steps_per_window = growing_steps_per_window(config.growing_share, config.epochs, config.steps_per_epoch, config.th_eta,
-                                                    config.hu_range, -769.0, config.window_step)
-        schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta,
-                                  epochs=config.epochs, consolidate=consolidate, steps_per_window=steps_per_window)
-        start_epoch, steps_done = 0, 0
-        best = {"psnr_db": -np.inf, "epoch": None}
-
+            discriminator.to(device, memory_format=self.memory_format)
+        betas = {"betas": (config.beta1, 0.999)} if self.method.adam_beta1 else {}
+        self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=config.lr, **betas)
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
+        self.schedule = _window_schedule(config)
+        self.start_epoch, self.steps_done, self.total_steps = 0, 0, config.epochs * config.steps_per_epoch
+        self.best = {"psnr_db": -np.inf, "epoch": None}
         if resume:
-            state = safe_load(out / CHECKPOINT_NAME)
-            generator.load_state_dict(state["generator"])
-            opt_g.load_state_dict(state["opt_g"])
-            if discriminator is not None:
-                discriminator.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["opt_d"])
-            schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
-                                         "window": tuple(state["schedule"]["window"])})
-            start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
-            best = state.get("best", best)
-            sampler.rng = np.random.default_rng([config.seed + 1000 * dist.rank, start_epoch])
-            torch.manual_seed(config.seed + start_epoch)
-
-        g_train, d_train = generator, discriminator
+            self._resume(torch)
+        self.g_train, self.d_train = generator, discriminator
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [int(device.split(":")[1])] if cuda else None
-            g_train = DDP(generator, device_ids=ids)
-            d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
-
-        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+            self.g_train = DDP(generator, device_ids=ids)
+            self.d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
+        self.autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
         card.training = TrainingRecord(device=device, precision="bf16 autocast + channels_last" if cuda else "float32",
                                        world_size=dist.world_size, epochs=config.epochs)
-        card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
-
-        bar = None
-        show = progress if progress is not None else sys.stderr.isatty()
-        if show and dist.main:
+        card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(self.sampler), validation=val_label)
+        self.bar = None
+        if (progress if progress is not None else sys.stderr.isatty()) and dist.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=config.epochs * config.steps_per_epoch, initial=start_epoch * config.steps_per_epoch,
-                       desc=f"train {config.method}", unit="step")
-        log = open(out / LOG_NAME, "a") if dist.main else None
-        cancel = Cancel(cancel_file or out / CANCEL_NAME)
-        status = "completed"
-        with cancel:
-            for epoch in range(start_epoch, config.epochs):
-                window = schedule.window
-                generator.train()
-                if discriminator is not None:
-                    discriminator.train()
-                sums = {"loss_g": 0.0, "loss_d": 0.0, "l1": 0.0, "l1_input": 0.0, "accuracy": 0.0}
-                started = time.perf_counter()
-                for step in range(config.steps_per_epoch):
-                    if dist.broadcast(cancel()) if dist.active else cancel():
-                        status = "cancelled"
-                        break
-                    source, target = sampler.sample(config.batch)
-                    step_window = schedule.window  # fixed growing paced by steps widens it within an epoch
-                    x = torch.from_numpy(apply_window(source, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
-                    y = torch.from_numpy(apply_window(target, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
-                    _set_learning_rate(config, (opt_g, opt_d), steps_done, total_steps)
-                    record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F,
-                                        adversarial=steps_done >= config.adversarial_warmup)
-                    for k in sums:
-                        sums[k] += record.get(k, 0.0)
-                    steps_done += 1
-                    schedule.end_step()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(window=f"[{step_window[0]:.0f},{step_window[1]:.0f}]", l1=f"{record['l1']:.4f}")
-                    if log and steps_done % config.log_every == 0:
-                        log.write(json.dumps({"event": "step", "epoch": epoch, "step": steps_done, "window": list(step_window), **record}) + "\n")
-                        log.flush()
-                if status == "cancelled":
-                    break
-                means = {k: dist.mean(v / config.steps_per_epoch) for k, v in sums.items()}
-                selected, cam_info = None, {}
-                if schedule.needs_cam:
-                    if dist.main:
-                        selected, cam_info = _dynamic_selection(generator, discriminator, sampler, config, device)
-                    selected = dist.broadcast(selected)
-                schedule.end_epoch(epoch, means["accuracy"], selected)
-                epoch_record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
-                                "seconds": time.perf_counter() - started, **means, **cam_info}
-                if "windows" in schedule.history[-1]:  # fixed growing widened within the epoch
-                    epoch_record["windows"] = schedule.history[-1]["windows"]
-                if dist.main:
-                    loaded = LoadedModel(card=card, generator=generator.eval(), discriminator=discriminator)
-                    epoch_record["val_psnr_db"], epoch_record["val_input_psnr_db"] = validation_psnr(loaded, val, spacing, device)
-                    improved = epoch_record["val_psnr_db"] > best["psnr_db"]
-                    if improved:
-                        best = {"psnr_db": epoch_record["val_psnr_db"], "epoch": epoch, "window": list(window)}
-                        card.validation = ValidationRecord(psnr_db=epoch_record["val_psnr_db"], input_psnr_db=epoch_record["val_input_psnr_db"],
-                                                           slices=len(val), epoch=epoch)
-                        card.final_window = tuple(window)
-                    epoch_record["best_epoch"] = best["epoch"]
-                    card.window_history = schedule.history
-                    card.training.epochs_done, card.training.steps_done = epoch + 1, steps_done
-                    card.training.best_epoch, card.training.last_val_psnr_db = best["epoch"], epoch_record["val_psnr_db"]
-                    _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done, best, improved)
-                    if _cam_samples(out, generator, discriminator, val, config, device):  # of this epoch's model
-                        epoch_record["cam_samples"] = CAM_SAMPLES
-                    log.write(json.dumps(epoch_record) + "\n")
-                    log.flush()
-                    if on_epoch:
-                        on_epoch(epoch_record)
-        if bar is not None:
-            bar.close()
-        checksums = dist.gather(float(sum(p.detach().double().sum().item() for p in generator.parameters())))  # equal when in sync
-        if dist.main:
-            if dist.active:
-                log.write(json.dumps({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1}) + "\n")
-            log.write(json.dumps({"event": "end", "status": status, "steps": steps_done}) + "\n")
-            log.close()
-            card.training.status = status
-            if (out / CARD_NAME).exists():
-                card.write(out)
-                if best["epoch"] is not None and best["epoch"] + 1 != card.training.epochs_done:
-                    _restore_best(out, generator, discriminator)  # the plots show the model users get
-                _plots(out, card, generator, discriminator, val, config, device)
-            elif status == "cancelled":
-                _remove_empty_run(out)
-            if status == "cancelled" and cancel.flag_file is not None and cancel.flag_file.is_file():
-                cancel.flag_file.unlink()  # the flag is consumed, so that --resume does not stop at once
-        return card
-    finally:
-        dist.close()
+            self.bar = tqdm(total=self.total_steps, initial=self.start_epoch * config.steps_per_epoch,
+                            desc=f"train {config.method}", unit="step")
+        self.log = open(out / LOG_NAME, "a") if dist.main else None
+
+    def _resume(self, torch) -> None:
+        state = safe_load(self.out / CHECKPOINT_NAME)
+        self.generator.load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        s = state["schedule"]
+        self.schedule = WindowSchedule(**{**s, "hu_range": tuple(s["hu_range"]), "window": tuple(s["window"])})
+        self.start_epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+        self.best = state.get("best", self.best)
+        self.sampler.rng = np.random.default_rng([self.config.seed + 1000 * self.dist.rank, self.start_epoch])
+        torch.manual_seed(self.config.seed + self.start_epoch)
+
+    def _write_log(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+    def train_epoch(self, epoch: int, cancel) -> dict | None:
+        """``steps_per_epoch`` steps; their mean losses and generator accuracy, or None when cancelled."""
+        import torch
+
+        config, dist = self.config, self.dist
+        self.generator.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
+        sums = {"loss_g": 0.0, "loss_d": 0.0, "l1": 0.0, "l1_input": 0.0, "accuracy": 0.0}
+        for _ in range(config.steps_per_epoch):
+            if dist.broadcast(cancel()) if dist.active else cancel():
+                return None
+            source, target = self.sampler.sample(config.batch)
+            window = self.schedule.window  # fixed growing paced by steps widens it within an epoch
+            x, y = (torch.from_numpy(apply_window(hu, window, config.hu_range, config.window_scaling))[:, None]
+                    .to(self.device, memory_format=self.memory_format) for hu in (source, target))
+            _set_learning_rate(config, (self.opt_g, self.opt_d), self.steps_done, self.total_steps)
+            record = train_step(config, self.g_train, self.d_train, self.opt_g, self.opt_d, x, y, self.autocast,
+                                adversarial=self.steps_done >= config.adversarial_warmup)
+            for k in sums:
+                sums[k] += record.get(k, 0.0)
+            self.steps_done += 1
+            self.schedule.end_step()
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(window=f"[{window[0]:.0f},{window[1]:.0f}]", l1=f"{record['l1']:.4f}")
+            if self.log and self.steps_done % config.log_every == 0:
+                self._write_log({"event": "step", "epoch": epoch, "step": self.steps_done, "window": list(window), **record})
+        return {k: dist.mean(v / config.steps_per_epoch) for k, v in sums.items()}
+
+    def end_epoch(self, epoch: int, window, means: dict, started: float) -> dict | None:
+        """Dynamic selection picks the next window; rank 0 validates, keeps the best epoch and rewrites the model
+        folder. Returns the epoch's record (None on the other ranks)."""
+        dist, card, schedule = self.dist, self.card, self.schedule
+        selected, cam_info = None, {}
+        if schedule.needs_cam:
+            if dist.main:
+                selected, cam_info = _dynamic_selection(self.generator, self.discriminator, self.sampler, self.config, self.device)
+            selected = dist.broadcast(selected)
+        schedule.end_epoch(epoch, means["accuracy"], selected)
+        record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
+                  "seconds": time.perf_counter() - started, **means, **cam_info}
+        if "windows" in schedule.history[-1]:  # fixed growing widened within the epoch
+            record["windows"] = schedule.history[-1]["windows"]
+        if not dist.main:
+            return None
+        loaded = LoadedModel(card=card, generator=self.generator.eval(), discriminator=self.discriminator)
+        record["val_psnr_db"], record["val_input_psnr_db"] = validation_psnr(loaded, self.val, self.spacing, self.device)
+        improved = record["val_psnr_db"] > self.best["psnr_db"]
+        if improved:
+            self.best = {"psnr_db": record["val_psnr_db"], "epoch": epoch, "window": list(window)}
+            card.validation = ValidationRecord(psnr_db=record["val_psnr_db"], input_psnr_db=record["val_input_psnr_db"],
+                                               slices=len(self.val), epoch=epoch)
+            card.final_window = tuple(window)
+        record["best_epoch"] = self.best["epoch"]
+        card.window_history = schedule.history
+        card.training.epochs_done, card.training.steps_done = epoch + 1, self.steps_done
+        card.training.best_epoch, card.training.last_val_psnr_db = self.best["epoch"], record["val_psnr_db"]
+        _save(self.out, card, self.generator, self.discriminator, self.opt_g, self.opt_d, schedule, epoch + 1, self.steps_done,
+              self.best, improved)
+        if _cam_samples(self.out, self.generator, self.discriminator, self.val, self.config, self.device):  # of this epoch's model
+            record["cam_samples"] = CAM_SAMPLES
+        self._write_log(record)
+        return record
+
+    def finish(self, status: str, cancel: "Cancel") -> None:
+        """The card says how the run ended; the plots show the model users get (the best epoch)."""
+        out, card, dist = self.out, self.card, self.dist
+        if self.bar is not None:
+            self.bar.close()
+        checksums = dist.gather(float(sum(p.detach().double().sum().item() for p in self.generator.parameters())))  # equal when in sync
+        if not dist.main:
+            return
+        if dist.active:
+            self._write_log({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1})
+        self._write_log({"event": "end", "status": status, "steps": self.steps_done})
+        self.log.close()
+        card.training.status = status
+        if (out / CARD_NAME).exists():
+            card.write(out)
+            if self.best["epoch"] is not None and self.best["epoch"] + 1 != card.training.epochs_done:
+                _restore_best(out, self.generator, self.discriminator)
+            _plots(out, card, self.generator, self.discriminator, self.val, self.config, self.device)
+        elif status == "cancelled":
+            _remove_empty_run(out)
+        if status == "cancelled" and cancel.flag_file is not None and cancel.flag_file.is_file():
+            cancel.flag_file.unlink()  # the flag is consumed, so that --resume does not stop at once
+
+
+def _window_schedule(config: TrainConfig) -> WindowSchedule:
+    """Fixed growing from [LO, growing_start], paced by ``growing_share`` of the steps; consolidation at the end."""
+    consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
+    steps_per_window = growing_steps_per_window(config.growing_share, config.epochs, config.steps_per_epoch, config.th_eta,
+                                                config.hu_range, config.growing_start, config.window_step)
+    return WindowSchedule(config.schedule, config.hu_range, config.growing_start, config.window_step, config.th_acc, config.th_eta,
+                          epochs=config.epochs, consolidate=consolidate, steps_per_window=steps_per_window)
 
 
 def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
@@ -505,20 +465,33 @@ def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
                 group["lr"] = config.lr * factor
 
 
-def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool = True) -> dict:
-    """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
-    lambda L1 (L1 alone while ``adversarial`` is off). Choe: L2 only."""
-    import torch
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial: bool = True) -> dict:
+    """One optimisation step, by the method's loss (``radiomicgan.methods``)."""
+    step = {"gan": _gan_step, "l2": _l2_step}[methods.get(config.method).loss]
+    return step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial)
+
+
+def _l2_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
+    """Choe et al.: L2 on the residual."""
+    import torch.nn.functional as F
 
     l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
-    if d is None:  # Choe et al.: L2 on the residual
-        with autocast:
-            fake = g(x)
-            loss = F.mse_loss(fake.float(), y.float())
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
+    with autocast:
+        fake = g(x)
+        loss = F.mse_loss(fake.float(), y.float())
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
+
+
+def _gan_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
+    """pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) + lambda L1 (L1 alone while
+    ``adversarial`` is off)."""
+    import torch
+    import torch.nn.functional as F
+
+    l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
     with autocast:
         fake = g(x)
         logits_fake = d(x, fake.detach())
