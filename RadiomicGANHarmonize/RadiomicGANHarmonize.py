@@ -67,10 +67,12 @@ def modelFolder(path) -> str:
 
 
 class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Takes its logic in the constructor (as SlicerNNUnet's widget does) so a test can hand it another one."""
+    """Takes its logic in the constructor (as SlicerNNUnet's widget does) so a test can hand it another one.
+
+    Without a parent, ScriptedLoadableModuleWidget.__init__ makes one and calls ``setup()`` itself: everything
+    ``setup()`` uses is set before it."""
 
     def __init__(self, parent=None, logic=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = logic
         self._parameterNode = None
@@ -79,6 +81,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer = None
         self._windows = None
         self._result = None
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         import qt
@@ -110,6 +113,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer.setInterval(250)
         self._timer.connect("timeout()", self.onPoll)
 
+        self.cohortSection = CohortSection(self)  # a section of its own (Resources/UI/RadiomicGANHarmonizeCohort.ui)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.layout.addStretch(1)
@@ -119,8 +123,16 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def cleanup(self):
         self.removeObservers()
-        if self._job is not None and self._job.running:
-            self._job.cancel()  # never leave a process behind when Slicer closes
+        if getattr(self, "cohortSection", None) is not None:
+            self.cohortSection.cleanup()
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None and self._job.running:  # never leave a process behind when Slicer closes
+            self._job.cancel()
+            try:
+                self._job.wait(self._job.grace_s + 5)  # killed after the grace period
+            except TimeoutError:
+                pass
 
     def enter(self):
         self.initializeParameterNode()
@@ -135,7 +147,7 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
+        if getattr(self.parent, "isEntered", True):  # a widget made without a module panel has no isEntered
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
@@ -183,15 +195,16 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def onApplyOrCancel(self):
         if self._job is not None and self._job.running:
-            self._job.cancel()
-            self._finish()
+            self._job.cancel()  # returns at once; onPoll sees the end (a kill after the grace period)
+            self.ui.applyButton.enabled = False
+            self.ui.statusLabel.text = "Cancelling..."
             return
         p = self._parameterNode
-        ok, message = self.logic.ensureDependencies()
-        if not ok:
-            slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
-            return
         with slicer.util.tryWithErrorDisplay("Harmonization could not start.", waitCursor=True):
+            ok, message = self.logic.ensureDependencies()  # an installation that fails shows its error here
+            if not ok:
+                slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+                return
             self._job = self.logic.process(p.inputVolume, modelFolder(p.modelPath), device=p.device, batch=p.batch or None,
                                            gradcam=p.gradcam, thFail=p.thFail, outputNode=p.outputVolume, waitForCompletion=False)
         if self._job is None:
@@ -202,12 +215,14 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer.start()
 
     def onPoll(self):
+        from RadiomicGANLib.process import JobStatus
+
         job = self._job
         status = job.poll()
         self.ui.progressBar.value = int(100 * job.progress)
         self.ui.statusLabel.text = {"harmonize": "Harmonizing slices...", "gradcam": "Computing Grad-CAM maps..."}.get(job.stage, self.ui.statusLabel.text)
         self.ui.warningsLabel.text = "\n".join(f"Warning: {w}" for w in job.warnings)
-        if status != "running":
+        if status is not JobStatus.RUNNING:
             self._finish()
 
     def _finish(self):
@@ -257,6 +272,85 @@ class RadiomicGANHarmonizeWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.statusLabel.text = f"Created {node.GetName()}"
 
 
+class CohortSection:
+    """The panel's Cohort section: input folder, model, output folder, Start/Cancel, progress, the QA table as a
+    table node, Open report. Kept apart from the single-volume controls; the work is ``logic.processCohort``."""
+
+    def __init__(self, widget):
+        import qt
+
+        self.widget = widget
+        uiWidget = slicer.util.loadUI(widget.resourcePath("UI/RadiomicGANHarmonizeCohort.ui"))
+        widget.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.job = None
+        self._report = None
+        self.ui.cohortStartButton.connect("clicked(bool)", self.onStartOrCancel)
+        self.ui.cohortReportButton.connect("clicked(bool)", self.onOpenReport)
+        self.timer = qt.QTimer()
+        self.timer.setInterval(500)
+        self.timer.connect("timeout()", self.onPoll)
+
+    def cleanup(self):
+        self.timer.stop()
+        if self.job is not None and self.job.running:  # never leave a process behind when Slicer closes
+            self.job.cancel()
+            try:
+                self.job.wait(timeout=self.job.grace_s + 5)
+            except TimeoutError:
+                pass
+
+    def onStartOrCancel(self):
+        if self.job is not None and self.job.running:
+            self.job.cancel()  # returns at once; onPoll sees the end (a kill after the grace period)
+            self.ui.cohortStartButton.enabled = False
+            self.ui.cohortStatusLabel.text = "Cancelling (finished scans are kept)..."
+            return
+        with slicer.util.tryWithErrorDisplay("The cohort run could not start.", waitCursor=True):
+            ok, message = self.widget.logic.ensureDependencies()  # an installation that fails shows its error here
+            if not ok:
+                slicer.util.warningDisplay(message, windowTitle="RadiomicGAN Harmonize")
+                return
+            self.job = self.widget.logic.processCohort(self.ui.cohortInputPathLineEdit.currentPath,
+                                                      self.ui.cohortModelPathLineEdit.currentPath,
+                                                      self.ui.cohortOutputPathLineEdit.currentPath, waitForCompletion=False)
+        if self.job is None:
+            return
+        self.ui.cohortStartButton.text = "Cancel"
+        self.ui.cohortProgressBar.value = 0
+        self.ui.cohortStatusLabel.text = "Listing the series..."
+        self.timer.start()
+
+    def onPoll(self):
+        status = self.job.poll()
+        self.ui.cohortProgressBar.value = int(100 * self.job.progress)
+        self.ui.cohortStatusLabel.text = self.job.status_text()
+        if status != "running":
+            self._finish()
+
+    def _finish(self):
+        self.timer.stop()
+        job, self.job = self.job, None
+        self.ui.cohortStartButton.text, self.ui.cohortStartButton.enabled = "Start", True
+        self.ui.cohortStatusLabel.text = job.status_text()
+        if job.status == "completed":
+            node = self.widget.logic.cohortTable(job, self.ui.cohortTableSelector.currentNode())
+            self.ui.cohortTableSelector.setCurrentNode(node)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            self.ui.cohortProgressBar.value = 100
+        elif job.status == "failed":
+            slicer.util.errorDisplay(f"The cohort run failed:\n{job.error}", windowTitle="RadiomicGAN Harmonize")
+        self.ui.cohortReportButton.enabled = job.report.is_file()
+        self._report = job.report
+
+    def onOpenReport(self):
+        import qt
+
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self._report)))
+
+
 def ensureDependencies(layout=None, needRadiomics=False):
     """Ask once and install what is missing (torch through the PyTorch extension, the rest with pip); shared by
     the RadiomicGAN modules. Returns True when everything is there; otherwise tells the user why not."""
@@ -276,6 +370,7 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
         job = logic.process(getNode("CT"), "/models/rgan", waitForCompletion=False)  # returns at once
         job.poll(); job.progress; job.cancel()                                        # or job.wait()
         sharp = logic.simulateKernel(getNode("CT"), "B70")
+        job = logic.processCohort("/data/study", "/models/rgan", "/data/out", waitForCompletion=False)  # a whole folder
     """
 
     def getParameterNode(self):
@@ -293,16 +388,53 @@ class RadiomicGANHarmonizeLogic(ScriptedLoadableModuleLogic):
 
         ``gradcam`` None: on when the model has a discriminator. ``waitForCompletion``: return the result
         (volume, gradcam, gradcam_input, windows, warnings; unpacks as ``output, cam, windows``) or raise
-        RuntimeError with the core's message; otherwise return the running ``HarmonizeJob``.
+        RuntimeError with the core's message; otherwise return the running ``HarmonizeJob`` (``poll()``,
+        ``cancel()``, ``wait()``, ``result``).
         """
         from RadiomicGANLib.harmonization import HarmonizeJob
+        from RadiomicGANLib.process import JobStatus
 
         job = HarmonizeJob(scene or slicer.mrmlScene, inputNode, str(modelPath), device=device, batch=batch, gradcam=gradcam,
                            th_fail=thFail, output_node=outputNode, on_output=onOutput, kernel=self.dicomKernel(inputNode))
         if not waitForCompletion:
             return job
         with slicer.util.WaitCursor():
-            return job.wait()
+            status = job.wait()
+        if status is not JobStatus.COMPLETED:
+            raise RuntimeError(job.error or f"harmonization {status.value}")
+        return job.result
+
+    def processCohort(self, folder, model, outFolder, waitForCompletion=True, device="auto", rois="none", workers=None,
+                      params=None, tableNode=None, onOutput=None, scene=None):
+        """Harmonize and measure every CT series under ``folder`` (or listed in a CSV) into ``outFolder`` with the
+        core's ``radiomicgan cohort`` in a background process; a rerun on the same output resumes.
+
+        ``waitForCompletion``: wait, put the QA rows into a table node (``tableNode`` or a new one) and return the
+        finished ``CohortJob`` (``job.rows``, ``job.failed``, ``job.report``, ``job.tableNode``), or raise RuntimeError
+        with the core's message; otherwise return the running job at once (``poll()``, ``progress``, ``status_text()``,
+        ``cancel()``, ``wait()``; then ``logic.cohortTable(job)``)."""
+        from RadiomicGANLib.cohort import CohortJob
+
+        for value, what in ((folder, "an input folder or CSV"), (model, "a model folder"), (outFolder, "an output folder")):
+            if not value or not str(value).strip():
+                raise ValueError(f"Select {what}.")
+        job = CohortJob(folder, model, outFolder, device=device, rois=rois, workers=workers, params=params, on_output=onOutput)
+        if not waitForCompletion:
+            return job
+        with slicer.util.WaitCursor():
+            status = job.wait()
+        if status != "completed":
+            raise RuntimeError(job.error or f"cohort run {status}")
+        self.cohortTable(job, tableNode, scene)
+        return job
+
+    @staticmethod
+    def cohortTable(job, tableNode=None, scene=None):
+        """The finished job's QA rows in a table node (refilled when given); also kept as ``job.tableNode``."""
+        from RadiomicGANLib.cohort import qa_table_node
+
+        job.tableNode = qa_table_node(scene or slicer.mrmlScene, job.rows, "Cohort QA", tableNode)
+        return job.tableNode
 
     @staticmethod
     def dicomKernel(node):
@@ -432,6 +564,6 @@ class RadiomicGANHarmonizeTest(ScriptedLoadableModuleTest):
         count = slicer.mrmlScene.GetNumberOfNodes()
         job = logic.process(node, folder / "model", device="cpu", waitForCompletion=False)
         job.cancel()
-        self.assertEqual(job.status, "cancelled")
+        self.assertEqual(job.wait(60), "cancelled")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Background harmonization test passed")

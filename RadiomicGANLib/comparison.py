@@ -10,7 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .process import BackgroundProcess, CoreOutput, core_command, wait_for_exit
+from radiomicgan.jobs import PROGRESS_OPTION, staged_leftovers
+
+from .process import Job, JobStatus, core_command
 
 FEATURES_SHARE = 0.95  # of the progress bar: measuring the ROIs; the rest is CCC, bootstrap and the report
 
@@ -37,9 +39,12 @@ def _cli_name(name: str) -> str:
     return name.replace("=", "-").strip() or "candidate"
 
 
-class ComparisonRun(CoreOutput):
+class ComparisonRun(Job):
     """Reference and candidate volume nodes compared on ROIs: segments of a segmentation, markups ROI boxes and
-    a label map (each its own ROI group), or, when none is given, random ROIs in HU ranges of the reference."""
+    a label map (each its own ROI group), or, when none is given, random ROIs in HU ranges of the reference.
+    The ``Job`` contract; ``result`` (also ``results``) is the ``ComparisonResults`` once completed."""
+
+    what = "comparison"
 
     def __init__(self, scene, reference_node, candidate_nodes, report_folder, *, segmentation_node=None,
                  segment_ids=None, roi_nodes=(), label_node=None, hu_ranges=None, per_range: int = 20,
@@ -60,6 +65,7 @@ class ComparisonRun(CoreOutput):
         candidates = {_cli_name(k): v for k, v in candidates.items() if v is not None and v is not reference_node}
         if not candidates:
             raise ValueError("select at least one candidate volume other than the reference")
+        super().__init__(on_output=on_output)
         self.scene = scene
         self.reference_node = reference_node
         self.candidates = candidates
@@ -71,15 +77,12 @@ class ComparisonRun(CoreOutput):
         self.hu_ranges, self.per_range, self.roi_size_mm, self.roi_slices = hu_ranges, per_range, roi_size_mm, roi_slices
         self.whole_image, self.params, self.workers = whole_image, params, workers
         self.threshold, self.bootstrap, self.seed = threshold, bootstrap, seed
-        self.on_output = on_output
         self.work = None
         self.legend: dict = {}
-        self.warnings: list[str] = []
-        self.errors: list[str] = []
-        self.process: BackgroundProcess | None = None
-        self.results: ComparisonResults | None = None
+        self._command: list[str] | None = None
         self.progress, self.stage = 0.0, "starting"
         self.record: dict | None = None  # the core's last progress record
+        self.workers_text = ""  # how many worker processes the core measures with, and why (its first line)
         for name, node in candidates.items():  # voxels are compared index by index, whatever the views show
             if node.GetTransformNodeID() != reference_node.GetTransformNodeID():
                 self.warnings.append(f"{name}: under another transform than the reference {reference_node.GetName()}; "
@@ -132,68 +135,65 @@ class ComparisonRun(CoreOutput):
                 args += ["--params", str(self.params)]
             if self.workers:
                 args += ["--workers", str(self.workers)]
-            args.append("--progress-json")  # the core ships inside the extension: it always has the option
+            args.append(PROGRESS_OPTION)  # the core ships inside the extension: it always has the option
         except BaseException:
             self.cleanup()
             raise
         return core_command(*args)
 
+    def command(self) -> list[str]:
+        return self._command
+
     def start(self) -> "ComparisonRun":
-        command = self.prepare()
-        self.process = BackgroundProcess(command, on_output=self._line).start()
-        return self
+        self._command = self.prepare()
+        return super().start()
+
+    @property
+    def results(self) -> ComparisonResults | None:
+        return self.result
 
     def on_progress(self, record: dict) -> None:
         self.record, self.stage = record, record.get("stage", self.stage)
+        if "workers" in record:
+            self.workers_text = f"; {record['workers']} worker process{'es' if record['workers'] > 1 else ''}: {record.get('workers_reason', '')}"
         fraction = float(record.get("fraction", 0.0))
         self.progress = FEATURES_SHARE * fraction if self.stage == "features" else FEATURES_SHARE + (1 - FEATURES_SHARE) * fraction
 
-    def poll(self) -> int | None:
-        """Deliver output; on success, fill the result nodes (once). The exit status once ended."""
-        code = self.process.poll()
-        if code is not None:
-            self.cleanup()
-            if code == 0 and self.results is None:
-                if self.legend:  # which label of which label-map file was which segment or box
-                    import json
+    def _finished(self, code: int) -> JobStatus:
+        if code != 0:
+            return JobStatus.CANCELLED
+        if self.legend:  # which label of which label-map file was which segment or box
+            import json
 
-                    (self.report_folder / "roi_names.json").write_text(json.dumps(self.legend, indent=2) + "\n")
-                if self.scene is not None:
-                    self.results = load_results(self.scene, self.report_folder)
-                self.progress, self.stage = 1.0, "completed"
-        return code
+            (self.report_folder / "roi_names.json").write_text(json.dumps(self.legend, indent=2) + "\n")
+        if self.scene is not None:
+            self.result = load_results(self.scene, self.report_folder)
+        self.progress, self.stage = 1.0, "completed"
+        return JobStatus.COMPLETED
 
     def status_text(self) -> str:
         """One line for the panel: what the background process is doing."""
         record = self.record or {}
         if self.stage == "features":
             return (f"Radiomic features: {record.get('done', 0)} of {record.get('total', '?')} ROI measurements "
-                    f"({record.get('images', '?')} volumes x {record.get('rois', '?')} ROIs)")
+                    f"({record.get('images', '?')} volumes x {record.get('rois', '?')} ROIs{self.workers_text})")
         if self.stage == "report":
             return "Reproducibility (CCC) and the report..."
         if self.stage == "completed":
             return "Comparison completed"
         return "Reading the volumes and ROIs..."
 
-    def wait(self, timeout: float | None = None) -> int:
-        return wait_for_exit(self.poll, timeout, "comparison")
-
-    def cancel(self) -> None:
-        """Kill the process tree; the report folder is written atomically, so nothing half-written stays."""
-        if self.process is not None:
-            self.process.cancel()
-        for leftover in self.report_folder.parent.glob(f".{self.report_folder.name}.partial-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        self.cleanup()
-
-    def cleanup(self) -> None:
+    def _cleanup(self) -> None:
+        """The work folder goes; so does whatever a killed core had staged for the report (it is written
+        atomically: nothing half-written stays)."""
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+        if self.status is not JobStatus.COMPLETED:
+            for leftover in staged_leftovers(self.report_folder):
+                shutil.rmtree(leftover, ignore_errors=True)
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None
+    cleanup = _cleanup
 
 
 def load_results(scene, report_folder) -> ComparisonResults:

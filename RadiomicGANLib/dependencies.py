@@ -2,9 +2,11 @@
 
 Checked when the user presses Apply, never at import or module set-up; installed only after the user agreed,
 with ONE question; nothing is installed in testing mode. torch comes through the PyTorch extension
-(``PyTorchUtilsLogic().installTorch``, which picks the wheel for the computer's CUDA); pyradiomics through the
-SlicerRadiomics extension (there is no wheel of pyradiomics 3 that installs without a compiler); the rest with
-pip and version checks. Slicer's own packages are never replaced: SimpleITK is never requested, and numpy is
+(``PyTorchUtilsLogic().installTorch``, which picks the wheel for the computer's CUDA); pyradiomics, needed by the
+comparison only, is taken from the SlicerRadiomics extension when that is installed (it ships it), and otherwise
+pip-installed in the same question, without its dependency list (which names SimpleITK) plus its other
+dependencies; the rest with pip and version checks. The extension declares no dependency on SlicerRadiomics,
+which has no macOS package. Slicer's own packages are never replaced: SimpleITK is never requested, and numpy is
 pinned to the installed version in every pip call so a dependency cannot upgrade it.
 """
 
@@ -27,6 +29,10 @@ REQUIREMENTS = {
     "pydicom": "pydicom>=2.4",  # Slicer ships 2.4.x; its DICOM module needs it: never upgraded by us
 }
 RADIOMICS_REQUIREMENT = "pyradiomics>=3.0"
+RADIOMICS_MODULE = "radiomics"
+# pyradiomics' own dependencies but SimpleITK and numpy (Slicer's): installed beside it, as pyradiomics is
+# installed with --no-deps so that pip never replaces Slicer's SimpleITK
+RADIOMICS_DEPENDENCIES = ("PyWavelets>=1.0", "pykwalify>=1.6", "six>=1.10")
 NEVER_INSTALLED = ("simpleitk", "numpy")  # Slicer's own builds; replacing them breaks Slicer
 KEPT = ("numpy",)  # pinned to the installed version in pip calls
 
@@ -63,7 +69,7 @@ class Plan:
 
     torch: bool = False  # torch/torchvision through PyTorchUtils
     pip: list[str] = field(default_factory=list)
-    radiomics: bool = False  # pyradiomics: only through the SlicerRadiomics extension
+    radiomics: bool = False  # pyradiomics (not from SlicerRadiomics): pip, without its dependency list
     no_pytorch_extension: bool = False
 
     @property
@@ -75,11 +81,9 @@ class Plan:
         if self.torch:
             items.append(f"torch {TORCH_REQUIREMENT} and torchvision {TORCHVISION_REQUIREMENT} (through the PyTorch extension)")
         items += self.pip
-        text = "RadiomicGAN needs these Python packages, which are missing or too old:\n  " + "\n  ".join(items) if items else ""
         if self.radiomics:
-            text += ("\n" if text else "") + ("pyradiomics is missing: install the SlicerRadiomics extension from the Extensions "
-                                              "Manager and restart Slicer.")
-        return text
+            items.append(f"{RADIOMICS_REQUIREMENT} (or install the SlicerRadiomics extension, which ships it)")
+        return "RadiomicGAN needs these Python packages, which are missing or too old:\n  " + "\n  ".join(items) if items else ""
 
 
 def plan(torch_logic=None, *, need_radiomics: bool = False, requirements: dict | None = None) -> Plan:
@@ -88,8 +92,12 @@ def plan(torch_logic=None, *, need_radiomics: bool = False, requirements: dict |
     if not (satisfied("torch", "torch" + TORCH_REQUIREMENT) and satisfied("torchvision", "torchvision" + TORCHVISION_REQUIREMENT)):
         result.torch = True
         result.no_pytorch_extension = torch_logic is None
-    result.radiomics = need_radiomics and importlib.util.find_spec("radiomics") is None
+    result.radiomics = need_radiomics and importlib.util.find_spec(RADIOMICS_MODULE) is None
     return result
+
+
+def _import_name(requirement: str) -> str:
+    return {"pywavelets": "pywt"}.get(_distribution(requirement).lower(), _distribution(requirement).lower())
 
 
 def _pins() -> list[str]:
@@ -113,8 +121,6 @@ def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[s
     todo = plan(torch_logic, need_radiomics=need_radiomics, requirements=requirements)
     if todo.empty:
         return True, ""
-    if todo.radiomics:
-        return False, todo.describe()
     if todo.torch and todo.no_pytorch_extension:
         return False, "torch is missing: install the PyTorch extension from the Extensions Manager and restart Slicer."
     if testing:
@@ -122,7 +128,7 @@ def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[s
     for requirement in todo.pip:
         if _distribution(requirement).lower() in NEVER_INSTALLED:
             raise ValueError(f"refusing to pip-install {requirement}: Slicer ships its own")
-    torch_alone = todo.torch and not todo.pip
+    torch_alone = todo.torch and not todo.pip and not todo.radiomics
     if not torch_alone and not confirm(todo.describe() + "\n\nInstall them now? (This can take a few minutes.)"):
         return False, "Installation declined; " + todo.describe()
     if todo.torch:
@@ -130,8 +136,12 @@ def ensure_dependencies(confirm: Callable[[str], bool], pip_install: Callable[[s
                                          torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
         if torch is None:
             return False, "torch was not installed; " + todo.describe()
+    if todo.radiomics:
+        todo.pip += [r for r in RADIOMICS_DEPENDENCIES if not satisfied(_import_name(r), r)]
     if todo.pip:
         pip_install(" ".join(todo.pip + _pins()))
+    if todo.radiomics:
+        pip_install(f"{RADIOMICS_REQUIREMENT} --no-deps")
     importlib.invalidate_caches()
     left = plan(torch_logic, need_radiomics=need_radiomics, requirements=requirements)
     if left.empty:

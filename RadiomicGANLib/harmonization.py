@@ -15,9 +15,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BackgroundProcess, CoreOutput, core_command, parse_progress
+from radiomicgan.jobs import MODEL_FIGURES, gradcam_paths
 
-FIGURES = ("windows.png", "gradcam_samples.png", "losses.png", "validation.png")
+from .process import Job, JobStatus, core_command
+
 
 
 # ------------------------------------------------------------------------------------------------ model card
@@ -52,7 +53,7 @@ def supports_gradcam(card) -> bool:
 def model_figures(folder) -> list[Path]:
     """The validation figures training wrote into the folder (window history, Grad-CAM samples, ...)."""
     folder = Path(str(folder))
-    return [folder / name for name in FIGURES if (folder / name).is_file()]
+    return [folder / name for name in MODEL_FIGURES if (folder / name).is_file()]
 
 
 def describe_model(card) -> str:
@@ -105,15 +106,18 @@ class HarmonizeResult:
         return iter((self.volume, self.gradcam, self.windows))
 
 
-class HarmonizeJob(CoreOutput):
-    """A harmonization running in the background. ``poll()`` from a timer (or ``wait()``); ``cancel()`` kills it.
+class HarmonizeJob(Job):
+    """A harmonization running in the background (the ``Job`` contract: ``poll()`` from a timer, ``cancel()``,
+    ``wait()``); ``result`` is a ``HarmonizeResult`` once completed. Started by the constructor.
 
     ``kernel``: the input's reconstruction kernel when the node does not record it (e.g. read from its DICOM
     files), so the core can warn about a kernel the model was not trained for.
 
-    ``status``: "running", "completed", "failed" or "cancelled"; ``progress`` 0..1 and ``stage`` from the
-    core's PROGRESS lines; ``warnings`` (CPU fallback, kernel mismatch, ...) and ``error`` for the user.
+    ``status`` a ``JobStatus``; ``progress`` 0..1 and ``stage`` from the core's PROGRESS lines; ``warnings``
+    (CPU fallback, kernel mismatch, ...) and ``error`` for the user.
     """
+
+    what = "harmonization"
 
     def __init__(self, scene, input_node, model_dir, *, device: str = "auto", batch: int | None = None,
                  gradcam: bool | None = None, th_fail: float = 0.5, output_node=None, on_output=None, env=None,
@@ -130,28 +134,31 @@ class HarmonizeJob(CoreOutput):
         if output_node is not None and input_node is not None and output_node.GetID() == input_node.GetID():
             raise ValueError("the output volume must not be the input volume (inputs are never modified)")
         volume = volume_from_node(input_node, kernel)  # raises for an empty or non-scalar node
+        super().__init__(on_output=on_output, env=env)
         self.scene, self.input_node, self.output_node = scene, input_node, output_node
         self.model_dir, self.card, self.gradcam, self.th_fail = Path(str(model_dir)), card, gradcam, th_fail
-        self.status, self.progress, self.stage = "running", 0.0, "starting"
-        self.warnings: list[str] = []
-        self.errors: list[str] = []
-        self.result: HarmonizeResult | None = None
-        self.on_output = on_output
+        self.progress, self.stage = 0.0, "starting"
         self.workdir = Path(tempfile.mkdtemp(prefix="RadiomicGAN-harmonize-"))
         try:
             self.input_path = write_volume(volume, self.workdir / "input.nrrd")
             self.output_path = self.workdir / "harmonized.nrrd"
-            self.cam_path = self.workdir / "gradcam.nrrd"
-            args = [str(self.input_path), "--model", str(self.model_dir), "--out", str(self.output_path),
-                    "--device", device, "--th-fail", str(th_fail), "--progress-json"]
+            self.cam_path, self.cam_input_path, self.windows_path = gradcam_paths(self.workdir / "gradcam.nrrd", ".nrrd")
+            self.args = [str(self.input_path), "--model", str(self.model_dir), "--out", str(self.output_path),
+                         "--device", device, "--th-fail", str(th_fail), "--progress-json"]
             if batch:
-                args += ["--batch", str(int(batch))]
+                self.args += ["--batch", str(int(batch))]
             if gradcam:
-                args += ["--gradcam", str(self.cam_path)]
-            self.process = BackgroundProcess(core_command("harmonize", *args), env=env, on_output=self._line).start()
+                self.args += ["--gradcam", str(self.cam_path)]
         except BaseException:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._cleanup()
             raise
+        self.start()
+
+    def command(self) -> list[str]:
+        return core_command("harmonize", *self.args)
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def on_progress(self, record: dict) -> None:
         self.stage = record.get("stage", self.stage)
@@ -159,53 +166,12 @@ class HarmonizeJob(CoreOutput):
         # slices are the first 50 % when Grad-CAM follows (it takes about as long again)
         self.progress = (0.5 * fraction if self.stage == "harmonize" else 0.5 + 0.5 * fraction) if self.gradcam else fraction
 
-    @property
-    def error(self) -> str | None:
-        """The message for the user: the core's last error, or why the run failed."""
-        return self.errors[-1] if self.errors else None
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-    def poll(self) -> str:
-        """Deliver output; when the process ended, load the results (success) or clean up. Returns the status."""
-        if self.status != "running":
-            return self.status
-        code = self.process.poll()
-        if code is None:
-            return self.status
-        try:
-            if code == 0:
-                self.result = self._load()
-                self.progress, self.status = 1.0, "completed"
-            else:
-                self.status = "failed"
-                if self.error is None:
-                    tail = [line for line in self.process.lines if line.strip() and parse_progress(line) is None][-5:]
-                    self.errors.append(f"harmonization failed (exit status {code})" + (": " + " | ".join(tail) if tail else ""))
-        except Exception as exc:  # unreadable output: report, add nothing
-            self.status = "failed"
-            self.errors.append(f"could not load the result: {exc}")
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        return self.status
-
-    def wait(self, timeout: float | None = None) -> HarmonizeResult:
-        """Block until done; the result, or RuntimeError with the core's message."""
-        self.process.wait(timeout)
-        self.poll()
-        if self.status != "completed":
-            raise RuntimeError(self.error or f"harmonization {self.status}")
-        return self.result
-
-    def cancel(self) -> None:
-        """Kill the background process tree; nothing is added to the scene, the temporary files go."""
-        if self.status != "running":
-            return
-        self.process.cancel()
-        self.status = "cancelled"
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    def _finished(self, code: int) -> JobStatus:
+        if code != 0:
+            return JobStatus.CANCELLED
+        self.result = self._load()
+        self.progress = 1.0
+        return JobStatus.COMPLETED
 
     def _load(self) -> HarmonizeResult:
         from radiomicgan.io import read_volume
@@ -217,8 +183,8 @@ class HarmonizeJob(CoreOutput):
         cam = cam_input = windows = None
         if self.gradcam:  # read everything before adding any node
             cam = read_volume(self.cam_path, check_hu=False)
-            cam_input = read_volume(self.cam_path.with_name("gradcam_input.nrrd"), check_hu=False)
-            windows = json.loads(self.cam_path.with_name("gradcam_windows.json").read_text())
+            cam_input = read_volume(self.cam_input_path, check_hu=False)
+            windows = json.loads(self.windows_path.read_text())
         if self.output_node is not None:
             output = set_volume_node(self.output_node, volume)
             if output.GetDisplayNode() is None:  # e.g. made with the selector's "Create new volume"

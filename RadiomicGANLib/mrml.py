@@ -138,29 +138,6 @@ def simulate_kernel_node(scene, input_node, kernel: str, source_kernel: str | No
     return output
 
 
-def harmonize_node(scene, input_node, model, *, device: str = "auto", batch: int | None = None, gradcam: bool = False,
-                   th_fail: float = 0.5, progress=None, cancel=None):
-    """Harmonize a loaded volume with a model folder (or a ``Harmonizer`` kept between calls).
-
-    Returns (harmonized node, Grad-CAM node of the result or None, windows dict or None). Nodes are added only
-    after everything was computed, so a cancelled or failed run adds nothing to the scene.
-    """
-    from radiomicgan.harmonize import harmonize_volume
-
-    volume = volume_from_node(input_node)
-    result = harmonize_volume(volume, model, device=device, batch=batch, gradcam=gradcam, th_fail=th_fail,
-                              progress=progress, cancel=cancel)
-    target = result.windows["target_kernel"] if result.windows else "harmonized"
-    output = add_volume_node(scene, result.volume, f"{input_node.GetName()}_harmonized")
-    output.SetAttribute("RadiomicGAN.HarmonizedTo", str(target))
-    place_like(output, input_node)
-    cam_node = None
-    if result.cam_output is not None:
-        cam_node = add_map_node(scene, result.cam_output, volume, f"{input_node.GetName()}_GradCAM")
-        place_like(cam_node, input_node)
-    return output, cam_node, result.windows
-
-
 def add_map_node(scene, values, like: CTVolume, name: str):
     """A float map (e.g. Grad-CAM, 0..1) on the grid of ``like``, shown with a rainbow colour table when the
     scene has Slicer's default colours."""

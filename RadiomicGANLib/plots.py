@@ -139,7 +139,7 @@ class TrainingPlots:
     """Tables and plot charts of one model folder's training log, updated as the log grows (``update()``)."""
 
     def __init__(self, scene, model_folder, name: str | None = None):
-        from radiomicgan.train import LOG_NAME
+        from radiomicgan.jobs import LOG_NAME
 
         self.scene = scene
         self.folder = Path(model_folder)
@@ -183,7 +183,7 @@ def load_cam_samples(scene, model_folder, name: str | None = None):
     slices are the samples: (synthesized node, Grad-CAM node); None when the folder has none yet."""
     import numpy as np
 
-    from radiomicgan.train import CAM_SAMPLES
+    from radiomicgan.jobs import CAM_SAMPLES
     from radiomicgan.volume import CTVolume
 
     from .mrml import add_map_node, add_volume_node

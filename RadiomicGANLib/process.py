@@ -1,36 +1,19 @@
 """Long jobs (harmonize, train, evaluate) run as the core's command line in a background process, so Slicer's GUI
-thread never computes and Cancel can kill everything at once. A pool belongs inside that process, never inside
-Slicer (there ``sys.executable`` is Slicer's launcher: BrokenProcessPool or a hang, Slicer issue 7445).
+thread never computes. A pool belongs inside that process, never inside Slicer (there ``sys.executable`` is
+Slicer's launcher: BrokenProcessPool or a hang, Slicer issue 7445).
 
-No qt here: the widget polls ``BackgroundProcess.poll()`` from a ``qt.QTimer``; the console and the tests call
-``wait()``. Output (stdout and stderr merged, one line at a time) is read by a thread into a queue.
-
-Machine-readable output of the core's command line (``radiomicgan harmonize|train|evaluate ... --progress-json``):
-
-- progress: a line ``PROGRESS {json}`` on stderr, flushed; read it with ``parse_progress(line)``. Keys:
-  ``task`` ("harmonize", "train" or "evaluate"), ``stage``, ``done``, ``total`` (integers, done <= total) and ``fraction``
-  (done / total, 0..1). A stage's first and last lines are always printed, others at most every 0.25 s.
-  harmonize: stage "harmonize" counts slices; with Grad-CAM, a line stage "gradcam" done 0 of 1 follows when the
-  slices are done (the maps take about as long again); then the outputs are written: exit status 0 means all
-  written. train: one line per completed epoch, stage "epoch", ``done`` = epoch index + 1 (a resumed run goes on
-  counting) of ``total`` = the configured epochs, with the epoch record's
-  ``epoch`` (0-based), ``window``, ``next_window``, ``loss_g``, ``loss_d``, ``l1``, ``accuracy``, ``val_psnr_db``
-  and ``val_input_psnr_db`` where present (closed-form methods, filter and histmatch, print none). Per-step
-  values are in the model folder's ``train_log.jsonl`` (read it for plots).
-  evaluate: stage "features" counts ROI measurements (each ROI on each image: ``images`` x ``rois``, both keys in
-  the record), from 0; when all are measured, a line stage "report" done 0 of 1 follows (CCC, bootstrap, report
-  files); exit status 0 means the report folder is complete.
-- warnings: lines starting ``radiomicgan: warning: `` (CPU fallback, kernel mismatch, ...); ``warning_text(line)``.
-- a problem with the user's input: one line ``radiomicgan: error: ...`` and exit status 2; cancelled by Ctrl-C
-  (SIGINT): exit status 130. A killed process (``cancel()``) has a negative status on POSIX.
-- training stops gracefully at the next step when the file ``--cancel-file`` (default OUT/CANCEL) appears, keeping
-  the last complete epoch (resumable); ``cancel()`` kills at once (the folder then holds the last complete epoch
-  too, as checkpoints are written atomically).
+One contract for every job (``Job``): ``start()``; ``poll()`` delivers output and returns a ``JobStatus``;
+``cancel()`` asks the core to stop (a ``stop`` line on its standard input: ``--stop-on-stdin``, which works on
+Windows too) and returns at once; a core that has not stopped ``grace_s`` seconds later is killed, tree and all, by
+a later ``poll()``, so the GUI thread never waits; ``wait()`` polls until the end and returns the status; the
+outcome is in ``result``. No qt: the widget polls from a ``qt.QTimer``; the console and the tests call ``wait()``.
+The exit codes, the progress protocol and the names of the files the core writes are ``radiomicgan.jobs``, which
+the core's command line uses too.
 """
 
 from __future__ import annotations
 
-import json
+import enum
 import os
 import queue
 import shutil
@@ -42,28 +25,27 @@ import time
 from pathlib import Path
 from typing import Callable
 
-PROGRESS_PREFIX = "PROGRESS "
-WARNING_PREFIX = "radiomicgan: warning: "
-ERROR_PREFIX = "radiomicgan: error: "
+from radiomicgan.jobs import (  # noqa: F401  (re-exported for the modules)
+    ERROR_PREFIX,
+    PROGRESS_OPTION,
+    PROGRESS_PREFIX,
+    STOP_OPTION,
+    STOP_WORD,
+    WARNING_PREFIX,
+    ExitCode,
+    error_text,
+    parse_progress,
+    warning_text,
+)
 
 
-def parse_progress(line: str) -> dict | None:
-    """The progress record of a ``PROGRESS {json}`` line, or None for any other line."""
-    if not line.startswith(PROGRESS_PREFIX):
-        return None
-    try:
-        record = json.loads(line[len(PROGRESS_PREFIX):])
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
+class JobStatus(str, enum.Enum):
+    """What ``Job.poll()`` and ``Job.wait()`` return (a str, so ``status == "completed"`` reads naturally)."""
 
-
-def warning_text(line: str) -> str | None:
-    return line[len(WARNING_PREFIX):] if line.startswith(WARNING_PREFIX) else None
-
-
-def error_text(line: str) -> str | None:
-    return line[len(ERROR_PREFIX):] if line.startswith(ERROR_PREFIX) else None
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
 
 
 class CoreOutput:
@@ -108,19 +90,6 @@ def python_command() -> list[str]:
     raise RuntimeError("PythonSlicer was not found next to Slicer; the background process cannot start")
 
 
-def wait_for_exit(poll: Callable[[], int | None], timeout: float | None, what: str, interval: float = 0.1) -> int:
-    """Call ``poll`` (a job's own, which also gathers its results) until it returns an exit code; TimeoutError
-    after ``timeout`` seconds. For the jobs built on BackgroundProcess (training, comparison)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        code = poll()
-        if code is not None:
-            return code
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"{what} still running after {timeout} s")
-        time.sleep(interval)
-
-
 def core_command(*args: str) -> list[str]:
     return python_command() + ["-m", "radiomicgan.cli", *args]
 
@@ -160,8 +129,6 @@ class BackgroundProcess:
         self.env = core_environment() if env is None else env
         self.on_output = on_output
         self.lines: list[str] = []
-        self.cancelled = False
-        self.terminate_grace_s = 10.0  # a cancelled core gets this long to remove its staged files before a kill
         self._process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
         self._reader: threading.Thread | None = None
@@ -176,7 +143,7 @@ class BackgroundProcess:
         else:
             options["start_new_session"] = True  # its own process group: cancel() reaches its children too
         self._process = subprocess.Popen(
-            self.args, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            self.args, cwd=self.cwd, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace", bufsize=1, **options,
         )
         self._reader = threading.Thread(target=self._read, name="RadiomicGAN output reader", daemon=True)
@@ -208,6 +175,8 @@ class BackgroundProcess:
             raise RuntimeError("not started")
         if self._returncode is None and self._process.poll() is not None and not self._reader.is_alive():
             self._returncode = self._process.returncode
+            if self._process.stdin is not None:
+                self._process.stdin.close()
         self._deliver()
         return self._returncode
 
@@ -237,37 +206,21 @@ class BackgroundProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def cancel(self) -> None:
-        """Kill the whole process tree (the launcher, the interpreter and any workers it started) and wait for it."""
-        if self._process is None:
+    def ask_to_stop(self) -> None:
+        """A ``stop`` line on the process's standard input (the core's ``--stop-on-stdin``); returns at once."""
+        if self._process is None or self._process.poll() is not None:
             return
-        self.cancelled = True
-        if self._process.poll() is None:
-            _terminate_tree(self._process)  # the core removes its staged files on SIGTERM, as on Ctrl-C
-            try:
-                self._process.wait(timeout=self.terminate_grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        if self._process.poll() is None or _tree_alive(self._process):
-            _kill_tree(self._process)
         try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        if self._reader is not None:
-            self._reader.join(timeout=10)
-        self.poll()
+            self._process.stdin.write(STOP_WORD + "\n")
+            self._process.stdin.flush()
+        except (OSError, ValueError):  # it closed its input or already ended
+            pass
 
-
-def _terminate_tree(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (POSIX; the launcher and the interpreter); elsewhere nothing: kill follows."""
-    if os.name == "nt":
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def kill(self) -> None:
+        """Kill the whole process tree (the launcher, the interpreter and any workers it started); returns at
+        once: a later ``poll()`` sees the exit."""
+        if self._process is not None:
+            _kill_tree(self._process)
 
 
 def _tree_alive(process: subprocess.Popen) -> bool:
@@ -296,13 +249,119 @@ def _kill_tree(process: subprocess.Popen) -> None:
                 member.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(family, timeout=10)
         if os.name == "nt":
             return
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+    if os.name == "nt":  # without psutil: taskkill ends the tree; not waited for
+        subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
         return
     try:  # also reaches children that outlived their parent (still in the session's process group)
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Job(CoreOutput):
+    """A core command in the background, with one contract for harmonize, train and evaluate.
+
+    Subclasses give ``command()`` (the core's arguments, without ``--stop-on-stdin``, added here) and
+    ``_finished(code)`` (load the results of a run that exited 0 and return the status), and may override
+    ``_cleanup()`` (temporary files) and ``_tick()`` (work on every poll, e.g. live plots).
+    """
+
+    grace_s = 10.0  # a stop request gets this long (the core removes its staged files) before the kill
+    what = "job"
+
+    def __init__(self, on_output: Callable[[str], None] | None = None, env: dict | None = None):
+        self.on_output = on_output
+        self.env = env
+        self.status: JobStatus | None = None
+        self.exit_code: int | None = None
+        self.result = None
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.process: BackgroundProcess | None = None
+        self.cancel_requested_at: float | None = None
+        self.killed = False
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> "Job":
+        if self.process is not None:
+            raise RuntimeError("already started")
+        try:
+            self.process = BackgroundProcess([*self.command(), STOP_OPTION], env=self.env, on_output=self._line).start()
+        except BaseException:
+            self._cleanup()
+            raise
+        self.status = JobStatus.RUNNING
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.status is JobStatus.RUNNING
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_requested_at is not None
+
+    @property
+    def error(self) -> str | None:
+        """The message for the user: the core's last error line, or why the run failed."""
+        return self.errors[-1] if self.errors else None
+
+    def poll(self) -> JobStatus:
+        """Deliver output; once the process has ended, gather the result (or clean up). Never blocks."""
+        if self.status is not JobStatus.RUNNING:
+            return self.status
+        code = self.process.poll()
+        self._tick()
+        if code is None:
+            if self.cancelled and not self.killed and time.monotonic() - self.cancel_requested_at > self.grace_s:
+                self.killed = True
+                self.process.kill()
+            return self.status
+        self.exit_code = code
+        try:
+            if code == ExitCode.OK:
+                self.status = self._finished(code)
+            elif self.cancelled or code == ExitCode.CANCELLED:
+                self.status = self._finished(code) if code == ExitCode.CANCELLED else JobStatus.CANCELLED
+            else:
+                self.status = JobStatus.FAILED
+                if self.error is None:
+                    tail = [line for line in self.process.lines if line.strip() and parse_progress(line) is None][-5:]
+                    self.errors.append(f"{self.what} failed (exit status {code})" + (": " + " | ".join(tail) if tail else ""))
+        except Exception as exc:  # unreadable output: report it, add nothing
+            self.status = JobStatus.FAILED
+            self.errors.append(f"could not load the result: {exc}")
+        finally:
+            self._cleanup()
+        return self.status
+
+    def cancel(self) -> None:
+        """Ask the core to stop and return at once; ``poll()`` kills it if it has not stopped after ``grace_s``."""
+        if self.status is not JobStatus.RUNNING:
+            return
+        if self.cancel_requested_at is None:
+            self.cancel_requested_at = time.monotonic()
+        self.process.ask_to_stop()
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobStatus:
+        """Poll until the job ends; its status. TimeoutError after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is JobStatus.RUNNING:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.what} still running after {timeout} s")
+            time.sleep(interval)
+        return self.status
+
+    def _finished(self, code: int) -> JobStatus:
+        return JobStatus.COMPLETED if code == ExitCode.OK else JobStatus.CANCELLED
+
+    def _tick(self) -> None:
+        pass
+
+    def _cleanup(self) -> None:
         pass

@@ -1,16 +1,17 @@
 """Training from Slicer: the core's ``radiomicgan train`` in a background process, its log as live plot nodes.
 
-Cancel first asks the trainer to stop (the flag file OUT/CANCEL it checks at every step), so the model folder
-keeps its last complete epoch; only when it has not stopped after a grace period is the process tree killed
-(still safe: the trainer replaces its files atomically). No qt; the widget polls ``TrainingRun.poll()``.
+Cancel first asks the trainer to stop (a ``stop`` line on its standard input; it stops after the current step), so
+the model folder keeps its last complete epoch; only when it has not stopped after a grace period is the process
+tree killed (still safe: the trainer replaces its files atomically). No qt; the widget polls ``TrainingRun.poll()``.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from .process import BackgroundProcess, CoreOutput, core_command, wait_for_exit
+from radiomicgan.jobs import CAM_SAMPLES, PROGRESS_OPTION, ExitCode
+
+from .process import Job, JobStatus, core_command
 
 CANCEL_GRACE_S = 60.0
 
@@ -75,8 +76,9 @@ def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str 
     if not source.same_geometry(target):
         raise ValueError(f"{source_node.GetName()} and {target_node.GetName()} must be the same scan on the same grid "
                          f"(shapes {source.shape} and {target.shape})")
-    source_kernel = source_kernel or source.meta.kernel or "source"
-    target_kernel = target_kernel or target.meta.kernel or "target"
+    # unnamed and untagged stays empty (not a placeholder a scan's tag would then be compared with)
+    source_kernel = source_kernel or source.meta.kernel.split("\\")[0].strip()
+    target_kernel = target_kernel or target.meta.kernel.split("\\")[0].strip()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_volume(source, folder / "pair0_source.nrrd", overwrite=True)
@@ -86,88 +88,82 @@ def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str 
                                             "source_node": source_node.GetName(), "target_node": target_node.GetName()})
 
 
-class TrainingRun(CoreOutput):
-    """One ``radiomicgan train`` run in the background, with its log turned into plot nodes when a scene is given.
+class TrainingRun(Job):
+    """One ``radiomicgan train`` run in the background (the ``Job`` contract), with its log turned into plot nodes
+    when a scene is given.
 
-    ``start()``, then ``poll()`` until it returns the exit status (0: completed or stopped after an epoch);
-    ``cancel()`` stops it. ``progress`` holds the last progress record, ``warnings`` the core's warnings."""
+    ``start()``, then ``poll()`` until it returns a final ``JobStatus``: completed, or cancelled (``cancel()`` asks
+    the trainer to stop after its current step; the folder keeps the last complete epoch; a trainer still running
+    ``grace_s`` later is killed). ``result`` is the ``TrainingPlots`` (None without a scene), ``progress`` the last
+    progress record, ``warnings`` the core's warnings."""
+
+    what = "training"
 
     def __init__(self, pairs, model_folder, settings: TrainingSettings, *, resume: bool = False, scene=None,
                  on_output=None, on_epoch=None, grace_s: float = CANCEL_GRACE_S):
-        from radiomicgan.train import CANCEL_NAME
+        from radiomicgan.jobs import CANCEL_NAME
 
+        super().__init__(on_output=on_output)
         self.pairs = Path(pairs)
         self.folder = Path(model_folder)
         self.settings = settings
         self.resume = resume
         self.scene = scene
-        self.on_output = on_output
         self.on_epoch = on_epoch
         self.grace_s = grace_s
         self.cancel_flag = self.folder / CANCEL_NAME
         self.plots = None
         self.progress: dict | None = None
-        self.warnings: list[str] = []
-        self.errors: list[str] = []
-        self.process: BackgroundProcess | None = None
-        self._cancel_asked: float | None = None
         self._created = False
-        self._finished = False
         self._cam_mtime: float | None = None
 
     def command(self) -> list[str]:
-        args = ["train", "--pairs", str(self.pairs), "--out", str(self.folder), *self.settings.arguments(), "--progress-json"]
+        args = ["train", "--pairs", str(self.pairs), "--out", str(self.folder), *self.settings.arguments(), PROGRESS_OPTION]
         return core_command(*args, *(["--resume"] if self.resume else []))
 
     def start(self) -> "TrainingRun":
-        if self.cancel_flag.exists():  # left by an earlier cancel: the trainer would stop at once
+        if self.cancel_flag.exists():  # left by another program's cancel: the trainer would stop at once
             self.cancel_flag.unlink()
         self._created = not self.folder.exists()
         if self.scene is not None:
             from .plots import TrainingPlots
 
             self.plots = TrainingPlots(self.scene, self.folder)  # on resume, the earlier epochs are plotted too
-        self.process = BackgroundProcess(self.command(), on_output=self._line).start()
-        return self
+        return super().start()
 
     def on_progress(self, record: dict) -> None:
         self.progress = record
 
-    def poll(self) -> int | None:
-        """Deliver output, update the plots; the exit status once the process has ended."""
-        code = self.process.poll()
+    def _tick(self) -> None:
+        """Every poll: new log records become plot points."""
         if self.plots is not None:
             for record in self.plots.update():
                 if record.get("event") == "epoch" and self.on_epoch is not None:
                     self.on_epoch(record)
-        if code is None and self._cancel_asked is not None and time.monotonic() - self._cancel_asked > self.grace_s:
-            self.process.cancel()  # did not stop within the grace period: kill the tree
-            code = self.process.poll()
-        if code is not None and not self._finished:
-            self._finish(code)
-        return code
 
-    def _finish(self, code: int) -> None:
+    def _finished(self, code: int) -> JobStatus:
+        """OK: completed; CANCELLED: stopped after an epoch (or before the first), the folder as the core left it."""
+        self.result = self.plots
+        return JobStatus.COMPLETED if code == ExitCode.OK else JobStatus.CANCELLED
+
+    def _cleanup(self) -> None:
         """A run that ended without a model (failed or killed before its first epoch) leaves nothing behind: no
         folder it created, no empty plot nodes."""
         import shutil
 
         from radiomicgan.modelio import CARD_NAME
 
-        self._finished = True
         if self.cancel_flag.exists():
             self.cancel_flag.unlink()
-        if code != 0 and self._created and not (self.folder / CARD_NAME).exists():
+        if self.exit_code != ExitCode.OK and self._created and not (self.folder / CARD_NAME).exists():
             shutil.rmtree(self.folder, ignore_errors=True)
-        if code != 0 and self.plots is not None and not self.plots.records:
+        if self.exit_code != ExitCode.OK and self.plots is not None and not self.plots.records:
             for node in self.plots.series_nodes() + self.plots.nodes:
                 self.scene.RemoveNode(node)
-            self.plots = None
+            self.plots = self.result = None
 
     def cam_samples_changed(self) -> bool:
         """True once each time the training (re)writes its Grad-CAM samples."""
-        from radiomicgan.train import CAM_SAMPLES
-
         path = self.folder / CAM_SAMPLES
         if not path.is_file():
             return False
@@ -176,30 +172,3 @@ class TrainingRun(CoreOutput):
             return False
         self._cam_mtime = mtime
         return True
-
-    def request_cancel(self) -> None:
-        """Ask the trainer to stop at its next step (it keeps the last complete epoch); killed after the grace period."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.cancel_flag.parent.mkdir(parents=True, exist_ok=True)
-        self.cancel_flag.touch()
-        if self._cancel_asked is None:
-            self._cancel_asked = time.monotonic()
-
-    def cancel(self, grace_s: float | None = None) -> int:
-        """Stop and wait: the flag first, a kill after ``grace_s`` (default the run's grace period) seconds."""
-        if grace_s is not None:
-            self.grace_s = grace_s
-        self.request_cancel()
-        return self.wait()
-
-    def wait(self, timeout: float | None = None) -> int:
-        return wait_for_exit(self.poll, timeout, "training")
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel_asked is not None
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.returncode is None

@@ -118,8 +118,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     parameter node, starts and polls background runs, and shows their nodes."""
 
     def __init__(self, parent=None, logic=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        VTKObservationMixin.__init__(self)  # without a parent, the base class calls setup() itself: set all first
         self.logic = logic
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -127,6 +126,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.comparison = None
         self.timer = None
         self._camNodes = []
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
         import qt
@@ -160,6 +160,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelCompareButton.connect("clicked(bool)", self.onCancelCompare)
         self.ui.openReportButton.connect("clicked(bool)", self.onOpenReport)
         self.ui.makePairsButton.connect("clicked(bool)", self.onMakePairs)
+        self.ui.showCamSamplesButton.connect("clicked(bool)", self.onShowCamSamples)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -177,10 +178,14 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         if self.timer is not None:
             self.timer.stop()
-        if self.training is not None and self.training.running:
-            self.training.cancel(grace_s=10.0)
-        if self.comparison is not None and self.comparison.running:
-            self.comparison.cancel()
+        for job in (self.training, self.comparison):
+            if job is not None and job.running:
+                job.grace_s = min(job.grace_s, 10.0)
+                job.cancel()
+                try:
+                    job.wait(job.grace_s + 5)  # killed after the grace period
+                except TimeoutError:
+                    pass
 
     def enter(self):
         self.initializeParameterNode()
@@ -195,7 +200,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
+        if getattr(self.parent, "isEntered", True):  # a widget made without a module panel has no isEntered
             self.initializeParameterNode()
 
     def initializeParameterNode(self):
@@ -277,6 +282,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainingProgressBar.maximum = p.epochs
             self.ui.trainingProgressBar.value = 0
             self.ui.camImageLabel.clear()
+            self.ui.showCamSamplesButton.enabled = False
             self.ui.trainingStatusLabel.text = "Training started in the background (" + ("resumed" if resume else "new run") + ")"
             self.showPlot()
             self.timer.start()
@@ -284,7 +290,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelTraining(self):
         if self.training is not None:
-            self.training.request_cancel()
+            self.training.cancel()  # returns at once; killed by a later poll if it has not stopped after 60 s
             self.ui.trainingStatusLabel.text = "Stopping after the current step; the last complete epoch is kept"
 
     def showPlot(self, index=None):
@@ -304,43 +310,49 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def _pollTraining(self):
+        from RadiomicGANLib.process import JobStatus
+
         run = self.training
         try:
-            code = run.poll()
+            status = run.poll()
         except Exception as exc:  # a broken log must not leave the timer firing errors
-            code = -1
-            self.ui.trainingStatusLabel.text = f"Training stopped: {exc}"
+            run.cancel()
+            self.ui.trainingStatusLabel.text = f"Training stopping: {exc}"
+            return
         epochs = run.plots.epochs.GetNumberOfRows() if run.plots is not None else 0
         progress = run.progress or {}
         self.ui.trainingProgressBar.value = int(progress.get("done", epochs))
-        if epochs and code is None and not run.cancelled:
+        if epochs and status is JobStatus.RUNNING and not run.cancelled:
             self.ui.trainingStatusLabel.text = f"Epoch {epochs} of {self._parameterNode.epochs} done"
-        if run.cam_samples_changed():
-            self._showCamSamples(run.folder)
-        if code is None:
+        if run.cam_samples_changed():  # shown on request (the button), never in place of the user's views
+            self.ui.showCamSamplesButton.enabled = True
+        if status is JobStatus.RUNNING:
             return
         self._showCamPlot(run.folder)  # drawn when the training ends
         if run.warnings:
             slicer.util.warningDisplay("\n".join(run.warnings), windowTitle="RadiomicGAN training")
-        if code in (0, 130):  # 130: stopped by Cancel after an epoch
-            status = run.plots.status if run.plots is not None else None
-            self.ui.trainingStatusLabel.text = (f"Training {status or 'finished'}: {run.folder}"
-                                                + (" (last complete epoch kept)" if status == "cancelled" else ""))
-        elif run.cancelled:
+        if status is JobStatus.COMPLETED:
+            self.ui.trainingStatusLabel.text = f"Training completed: {run.folder}"
+        elif status is JobStatus.CANCELLED:
             self.ui.trainingStatusLabel.text = f"Training stopped; {run.folder} holds the last complete epoch, if any"
         else:
             message = "\n".join(run.errors) or "\n".join(run.process.lines[-15:])
             self.ui.trainingStatusLabel.text = "Training failed"
-            slicer.util.errorDisplay(f"Training failed (exit status {code}).", detailedText=message)
+            slicer.util.errorDisplay(f"Training failed (exit status {run.exit_code}).", detailedText=message)
 
     def _showCamPlot(self, folder):
         import qt
-        from radiomicgan.train import CAM_PLOT
+        from radiomicgan.jobs import CAM_PLOT
 
         png = pathlib.Path(folder) / CAM_PLOT
         if png.is_file():
             pixmap = qt.QPixmap(str(png))
             self.ui.camImageLabel.setPixmap(pixmap.scaledToWidth(min(pixmap.width(), 420)))
+
+    def onShowCamSamples(self):
+        """The latest Grad-CAM samples as two volume nodes in the slice views, when the user asks for them."""
+        if self.training is not None:
+            self._showCamSamples(self.training.folder)
 
     def _showCamSamples(self, folder):
         for node in self._camNodes:  # the previous epoch's samples make way for this one's
@@ -373,21 +385,27 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancelCompare(self):
         if self.comparison is not None:
-            self.comparison.cancel()
-            self.ui.compareStatusLabel.text = "Comparison cancelled; no report written"
+            self.comparison.cancel()  # returns at once; onPoll sees the end
+            self.ui.compareStatusLabel.text = "Cancelling the comparison..."
             self.updateButtons()
 
     def _pollComparison(self):
+        from RadiomicGANLib.process import JobStatus
+
         run = self.comparison
-        code = run.poll()
+        status = run.poll()
         self.ui.compareProgressBar.value = int(round(100 * run.progress))
-        if code is None:
-            self.ui.compareStatusLabel.text = run.status_text()
+        if status is JobStatus.RUNNING:
+            if not run.cancelled:
+                self.ui.compareStatusLabel.text = run.status_text()
             return
-        if code != 0:
+        if status is JobStatus.CANCELLED:
+            self.ui.compareStatusLabel.text = "Comparison cancelled; no report written"
+            return
+        if status is JobStatus.FAILED:
             message = "\n".join(run.errors) or "\n".join(run.process.lines[-15:])
             self.ui.compareStatusLabel.text = "Comparison failed"
-            slicer.util.errorDisplay(f"Radiomics comparison failed (exit status {code}).", detailedText=message)
+            slicer.util.errorDisplay(f"Radiomics comparison failed (exit status {run.exit_code}).", detailedText=message)
             return
         results = run.results
         skipped = [f"{g}: {e.get('too_small') or e.get('skipped')}" for g, e in results.summary["groups"].items()
@@ -441,7 +459,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("RadiomicGANTrain")   # or RadiomicGANTrain.RadiomicGANTrainLogic()
         plots = logic.train(pairs="/data/pairs/manifest.json", modelFolder="/data/model", epochs=30)
         run = logic.train(sourceNode=getNode("B30"), targetNode=getNode("B50"), modelFolder="/data/m2",
-                          waitForCompletion=False)   # run.poll(), run.request_cancel(), run.wait(), run.plots
+                          waitForCompletion=False)   # run.poll(), run.cancel(), run.wait(), run.plots
         results = logic.compare(getNode("B50"), [getNode("B30"), getNode("B30_harmonized")], "/data/report",
                                 segmentationNode=getNode("Segmentation"))
         results.summary_table, results.ccc_tables, results.counts_chart, results.report
@@ -462,7 +480,8 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
 
         ``waitForCompletion=True``: blocks and returns the ``TrainingPlots`` (table and chart nodes of the log;
         ``.status`` says completed or cancelled); raises RuntimeError when the training failed.
-        ``False``: returns the running ``TrainingRun`` (``poll()``, ``request_cancel()``, ``wait()``, ``.plots``)."""
+        ``False``: returns the running ``TrainingRun`` (``poll()``, ``cancel()``, ``wait()``, ``.plots``)."""
+        from RadiomicGANLib.process import JobStatus
         from RadiomicGANLib.training import TrainingRun, TrainingSettings, settings_from_slicer_names, write_pairs_from_nodes
 
         if modelFolder in (None, "") or str(modelFolder) == ".":
@@ -476,8 +495,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         run = TrainingRun(pairs, modelFolder, training, resume=resume, scene=scene or slicer.mrmlScene, on_output=onOutput).start()
         if not waitForCompletion:
             return run
-        code = run.wait(timeout=timeout)
-        if code not in (0, 130):  # 130: cancelled, the last complete epoch kept
+        if run.wait(timeout=timeout) is JobStatus.FAILED:  # cancelled: the last complete epoch kept
             raise RuntimeError("training failed: " + ("\n".join(run.errors) or "\n".join(run.process.lines[-15:])))
         return run.plots
 
@@ -491,6 +509,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         table per candidate, the summary table, the counts plot, the report path); ``False`` the running
         ``ComparisonRun`` (``poll()``, ``cancel()``, ``wait()``, ``.results``)."""
         from RadiomicGANLib.comparison import ComparisonRun
+        from RadiomicGANLib.process import JobStatus
 
         run = ComparisonRun(scene or slicer.mrmlScene, referenceNode, candidateNodes, reportFolder,
                             segmentation_node=segmentationNode, segment_ids=segmentIds, roi_nodes=roiNodes or (),
@@ -498,9 +517,8 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
                             threshold=threshold, bootstrap=bootstrap, on_output=onOutput).start()
         if not waitForCompletion:
             return run
-        code = run.wait(timeout=timeout)
-        if code != 0:
-            raise RuntimeError("comparison failed: " + ("\n".join(run.errors) or "\n".join(run.process.lines[-15:])))
+        if run.wait(timeout=timeout) is not JobStatus.COMPLETED:
+            raise RuntimeError(f"comparison {run.status.value}: " + ("\n".join(run.errors) or "\n".join(run.process.lines[-15:])))
         return run.results
 
     def loadCamSamples(self, modelFolder, scene=None):
@@ -538,9 +556,20 @@ class RadiomicGANTrainTest(ScriptedLoadableModuleTest):
         self.assertEqual(len(manifest.pairs), 1)
         self.delayDisplay("Phantom pair test passed")
 
+    def dependenciesMissing(self, needRadiomics=False):
+        """Why the test cannot run here (testing mode installs nothing: a fresh Slicer has no torch), or None."""
+        from RadiomicGANLib.dependencies import ensure_in_slicer
+
+        ok, message = ensure_in_slicer(need_radiomics=needRadiomics)
+        return None if ok else message
+
     def test_training_one_epoch(self):
         import json
 
+        missing = self.dependenciesMissing()
+        if missing:
+            self.delayDisplay(f"1-epoch training test skipped: {missing}")
+            return
         logic = RadiomicGANTrainLogic()
         manifest = logic.makePhantomPairs(self.tmp / "pairs", cases=1, size=32, slices=2)
         plots = logic.train(pairs=manifest, modelFolder=self.tmp / "model", epochs=1, stepsPerEpoch=2, batch=1, crop=32,
@@ -558,6 +587,10 @@ class RadiomicGANTrainTest(ScriptedLoadableModuleTest):
         from radiomicgan.simulate import phantom_pair
         from RadiomicGANLib.mrml import add_volume_node
 
+        missing = self.dependenciesMissing(needRadiomics=True)
+        if missing:
+            self.delayDisplay(f"Comparison test skipped: {missing}")
+            return
         source, target, _ = phantom_pair(size=48, slices=3, seed=2)
         reference = add_volume_node(slicer.mrmlScene, target, "B50")
         candidate = add_volume_node(slicer.mrmlScene, source, "B30")

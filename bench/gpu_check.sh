@@ -17,9 +17,9 @@
 #      at < 0.1 % of voxels, bf16 within bf16's own error (mean |difference| to batch 16 under bf16's mean
 #      |difference| to fp32)
 #   e) DDP: torchrun --nproc_per_node 1 on NCCL completes one epoch; weights vs a plain run, same seed
-#   f) quality: bench/real_slice_sweep.sh with SWEEP_DEMO=0: input, filter, Choe and RadiomicGAN with each
-#      schedule, trained on the left half of the real test1 B30 -> B50 pair, evaluated on the right half, side by
-#      side on the GPU with the time left
+#   f) quality: bench/real_slice_sweep.sh with SWEEP_SPLITS=test: input, filter, Choe and RadiomicGAN with each
+#      schedule, three seeds, trained on real Siemens B30f -> B50f and Toshiba FC51 -> FC13 training pixels,
+#      evaluated on held-out pixels, side by side on the GPU with the time left
 #
 # On the device machine (one H100 or H200; Python 3.12 with torch there; nothing can be downloaded there), from
 # /work/main after merging, with the wheels in .whl and the slice files in .gpu_data/real-kernels (both ignored
@@ -40,8 +40,8 @@
 # (about wheels 15 + a 110 + b 180 + d 60 s, and 200 s for the quality table). GPU_CHECK_PARTS defaults to
 # "a b c d e f". Other knobs (environment): HARMONIZE_LIMIT (150),
 # TRAIN_LIMIT (220), TRAIN_ENCODERS ("frozen,trainable"), TRAIN_COMPILE (1: also time torch.compile of G and D,
-# forward and backward, a minute or two of compilation per encoder; 0: not), SWEEP_DEMO (1 adds the
-# demo-budget variants behind the training defaults), PYTHON.
+# forward and backward, a minute or two of compilation per encoder; 0: not), SWEEP_SPLITS ("dev test"
+# adds the dev-split variants behind the training defaults), SEEDS (0,1,2), PYTHON.
 #
 # Here, on the CPU, with tiny sizes, to see that nothing crashes (DDP on gloo):
 #
@@ -144,15 +144,16 @@ else
 fi
 [ -f "$WORK/ddp/ddp_runs.log" ] && cp "$WORK/ddp/ddp_runs.log" "$OUT/ddp_runs.log"
 
-# f) the quality run, with what is left: bench/real_slice_sweep.sh trains every method (and the variants behind
-#    the training defaults) side by side on the left half of the real slice and evaluates on the right half
+# f) the quality run, with what is left: bench/real_slice_sweep.sh trains every method side by side on training
+#    pixels of the real Siemens and Toshiba pairs and evaluates on held-out pixels (SWEEP_SPLITS=test; "dev test"
+#    adds the variants behind the defaults); the Toshiba slices in .gpu_data/real-kernels-toshiba
 DATA=.gpu_data/real-kernels
 [ -d "$DATA" ] || DATA=../shared/data/real-kernels
 left=$((TOTAL - $(elapsed) - 10))
 if [ $SMOKE = 1 ]; then
-    export DEMO_ARGS="--steps 4 --epochs 2 --crop 32 --batch 2" GPU_ARGS="--steps 4 --epochs 2 --crop 32 --batch 2"
+    export SWEEP_ARGS="--epochs 2 --steps-per-epoch 2 --crop 32 --batch 2 --seeds 0 --rois-per-range 10"
 fi
-export LIMIT=$((left - 25)) PYTHON=$PY SWEEP_DEMO=${SWEEP_DEMO:-0}
+export LIMIT=$((left - 25)) PYTHON=$PY SWEEP_SPLITS=${SWEEP_SPLITS:-test}
 want f && part f_real_slice $left bash bench/real_slice_sweep.sh "$DATA" "$WORK/sweep" $DEVICE
 [ -f "$WORK/sweep/sweep.md" ] && cp "$WORK/sweep/sweep.md" "$OUT/real_slice_sweep.md"
 

@@ -1,83 +1,94 @@
 #!/usr/bin/env bash
-# The measurements behind RadiomicGAN's training defaults: bench/real_slice.py variants (left half of the real
-# test1 B30 -> B50 slice trains, right half evaluates) run side by side on one GPU, at the demo's budget
-# (300 steps, 64x64 crops, batch 4) and at a GPU budget (1,500 steps, 128x128 crops, batch 8), then one table.
+# The generalization benchmark (bench/real_slice.py) for every method, and the variants that decide the training
+# defaults, side by side on one GPU, at the demo's budget (6 epochs x 50 steps of batch 4, 64x64 crops), over
+# three seeds, for both vendors (Siemens B30f -> B50f, Toshiba FC51 -> FC13).
 #
-#   bash bench/real_slice_sweep.sh DATA_DIR OUT_DIR [DEVICE]      (DATA_DIR holds test1_B30.mha, test1_B50.mha)
+#   bash bench/real_slice_sweep.sh DATA_DIR OUT_DIR [DEVICE]
 #
-# Every variant is its own process (the GPU is far from busy with one small-crop run); each gets LIMIT seconds.
-# SWEEP_DEMO=0 leaves out the demo-budget variants (the measurements behind the defaults) and runs the quality table.
+# DATA_DIR holds real-kernels/ and real-kernels-toshiba/ (or is real-kernels/ itself, with real-kernels-toshiba/
+# beside it). SWEEP_SPLITS (default "dev test"): dev = the variants, PSNR/SSIM only, on training pixels (choices
+# are made there); test = every method with reproducible features, on the held-out pixels (what the README
+# reports). Every run is its own process (the GPU is far from busy with one small-crop run); each gets LIMIT
+# seconds. Size: the dev split is 12 processes, 11 of them 6 RadiomicGAN runs each (3 seeds x 2 domains); the test
+# split 5 processes of 6 runs, with features; a demo-budget run is some 20 s on an H100/H200, so each split is a
+# few minutes of GPU (SEEDS=0 for a first look). SWEEP_ARGS are added to every run (e.g. a smoke test's "--epochs 1 --steps-per-epoch 2"). Then one table per split: OUT_DIR/sweep-dev.md, OUT_DIR/sweep-test.md, and OUT_DIR/sweep.md (both).
 set -u
 DATA=$1
 OUT=$2
 DEVICE=${3:-cuda}
 PY=${PYTHON:-python3}
-LIMIT=${LIMIT:-270}
+LIMIT=${LIMIT:-500}
+SEEDS=${SEEDS:-0,1,2}
 WORKERS=${WORKERS:-2}
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT/runs"
 
-variant() { # NAME METHOD BUDGET CONFIG_JSON [FEATURES]
-    local name=$1 method=$2 budget=$3 config=$4 features=${5:-0}
-    [ "$budget" = demo ] && [ "${SWEEP_DEMO:-1}" = 0 ] && return 0 # SWEEP_DEMO=0: the GPU-budget quality table only
-    local args=(${DEMO_ARGS:---steps 300 --epochs 12 --crop 64 --batch 4})
-    [ "$budget" = gpu ] && args=(${GPU_ARGS:---steps 1500 --epochs 15 --crop 128 --batch 8})
-    local extra=(--no-features)
-    [ "$features" = 1 ] && extra=(--workers "$WORKERS")
-    timeout "$LIMIT" "$PY" bench/real_slice.py --data "$DATA" --device "$DEVICE" --methods "$method" "${args[@]}" \
-        --config "$config" --label "[$budget: $name]" "${extra[@]}" --out "$OUT/runs/$budget-$name" \
-        >"$OUT/runs/$budget-$name.log" 2>&1 || echo "$budget-$name failed or timed out" >>"$OUT/runs/failures.txt"
+run() { # SPLIT NAME METHODS CONFIG_JSON [EXTRA_ARGS...]
+    local split=$1 name=$2 methods=$3 config=$4
+    shift 4
+    local label=$name
+    [ "$config" = "{}" ] && [ $# -eq 0 ] && label=""
+    local features=(--no-features)
+    [ "$split" = test ] && features=(--workers "$WORKERS")
+    timeout "$LIMIT" "$PY" bench/real_slice.py --data "$DATA" --device "$DEVICE" --split "$split" --seeds "$SEEDS" \
+        --methods "$methods" --config "$config" --label "$label" "${features[@]}" ${SWEEP_ARGS:-} "$@" --out "$OUT/runs/$split-$name" \
+        >"$OUT/runs/$split-$name.log" 2>&1 || echo "$split-$name failed or timed out" >>"$OUT/runs/failures.txt"
 }
 
-# demo budget: which variant learns most per step
-variant input input demo '{}' &
-variant choe choe demo '{}' &
-variant filter filter demo '{}' &
-variant none-trainable radiomicgan-none demo '{}' &
-variant none-frozen radiomicgan-none demo '{"finetune_vgg": false}' &
-variant none-l1only radiomicgan-none demo '{"adversarial_warmup": 1000000}' &
-variant none-lr2e-4 radiomicgan-none demo '{"lr": 0.0002}' &
-variant dwt-fixed radiomicgan-dwt demo '{}' &
-variant dwt-window radiomicgan-dwt demo '{"window_scaling": "window"}' &
-variant dwt-noconsolidation radiomicgan-dwt demo '{"consolidate": 0}' &
-variant dwt-epochpaced radiomicgan-dwt demo '{"growing_share": 0}' &
-variant fixed-fixed radiomicgan-fixed demo '{}' &
-variant dynamic-fixed radiomicgan-dynamic demo '{}' &
-# GPU budget, with 2D radiomic features: the quality table
-variant input input gpu '{}' 1 &
-variant filter filter gpu '{}' 1 &
-variant choe choe gpu '{}' 1 &
-variant none radiomicgan-none gpu '{}' 1 &
-variant fixed radiomicgan-fixed gpu '{}' 1 &
-variant dynamic radiomicgan-dynamic gpu '{}' 1 &
-variant dwt radiomicgan-dwt gpu '{}' 1 &
-variant dwt-window radiomicgan-dwt gpu '{"window_scaling": "window"}' 1 &
-wait
+for split in ${SWEEP_SPLITS:-dev test}; do
+    if [ "$split" = dev ]; then
+        run dev baselines input,filter,choe '{}' &
+        run dev dwt radiomicgan-dwt '{}' &
+        run dev none radiomicgan-none '{}' &
+        run dev l1only radiomicgan-dwt '{"adversarial_warmup": 1000000}' &
+        run dev warmup-half radiomicgan-dwt '{"adversarial_warmup": 150}' &
+        run dev consolidate-half radiomicgan-dwt '{"consolidate": 0.5}' &
+        run dev share-eighth radiomicgan-dwt '{"growing_share": 0.125}' &
+        run dev frozen-encoder radiomicgan-dwt '{"finetune_vgg": false}' &
+        run dev paper-scaling radiomicgan-dwt '{"window_scaling": "window"}' &
+        run dev focus radiomicgan-dwt '{"window_scaling": "focus"}' &
+        run dev extra4 radiomicgan-dwt '{}' --extra-pairs 4 &
+        run dev contrast radiomicgan-dwt '{"contrast_jitter": 0.2}' &
+        wait
+    else
+        run test baselines input,filter,choe '{}' &
+        run test dwt radiomicgan-dwt '{}' &
+        run test none radiomicgan-none '{}' &
+        run test fixed radiomicgan-fixed '{}' &
+        run test dynamic radiomicgan-dynamic '{}' &
+        wait
+    fi
+done
 
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
+sys.path.insert(0, "bench")
+from real_slice import table
+
 out = Path(sys.argv[1])
-lines = []
-for budget in ("demo", "gpu"):
-    rows, groups, note = {}, [], ""
-    for summary in sorted(out.glob(f"runs/{budget}-*/summary.json")):
+everything = []
+for split in ("dev", "test"):
+    merged, note = {}, ""
+    for summary in sorted(out.glob(f"runs/{split}-*/summary-{split}*.json")):
         data = json.loads(summary.read_text())
-        note = data["budget"]
-        for name, row in data["rows"].items():
-            rows.setdefault(name, row)
-            groups += [g for g in row if g.startswith("[") and g not in groups]
-    if not rows:
+        note = f"{data['budget']}; {data['machine']}; {data['date']}"
+        for domain, result in data["results"].items():
+            m = merged.setdefault(domain, {**result, "rows": [], "groups": []})
+            m["rows"] += result["rows"]
+            m["groups"] += [g for g in result["groups"] if g not in m["groups"]]
+            m["rois_per_group"].update(result["rois_per_group"])
+    if not merged:
         continue
-    header = ["method", "PSNR (dB)", "SSIM", *[f"reproducible {g}" for g in groups], "train s"]
-    lines += [f"## {budget} budget: {note}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["psnr_db"]):
-        cells = [name, f"{r['psnr_db']:.2f}", f"{r['ssim']:.4f}", *[str(r.get(g, "")) for g in groups], f"{r['train_seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    lines = [f"## {split} split ({note})", ""]
+    for domain, r in merged.items():
+        lines += [f"### {domain}, {r['kernels'][0]} -> {r['kernels'][1]} (train {r['train_region']}; evaluate {r['eval_region']})",
+                  "", table(r), ""]
+    (out / f"sweep-{split}.md").write_text("\n".join(lines) + "\n")
+    everything += lines
 failures = out / "runs" / "failures.txt"
 if failures.exists():
-    lines += ["failed or timed out: " + ", ".join(failures.read_text().split("\n")).strip(", ")]
-(out / "sweep.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
+    everything += ["failed or timed out: " + ", ".join(failures.read_text().split("\n")).strip(", ")]
+(out / "sweep.md").write_text("\n".join(everything) + "\n")
+print("\n".join(everything))
 PY

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import RadiomicGANError
+from .jobs import EPOCH_KEYS, ERROR_PREFIX, PROGRESS_INTERVAL_S, PROGRESS_OPTION, STOP_OPTION, WARNING_PREFIX, ExitCode, progress_line
 
-EXIT_USAGE = 2
-EXIT_CANCELLED = 130
+EXIT_USAGE = ExitCode.BAD_INPUT
+EXIT_CANCELLED = ExitCode.CANCELLED
 # "-800:-300" is an HU range (evaluate --ranges), not an option: argparse treats it like a negative number.
 _NEGATIVE_NUMBER_OR_RANGE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+:-?\d*\.?\d+$")
 
@@ -59,6 +60,14 @@ def _at_least(minimum: int):
     return parse
 
 
+def _memory_size(text: str) -> int:
+    """Bytes from '8G', '512M', '1.5GiB' or a plain number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.I)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': expected a size such as 8G or 512M")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -83,11 +92,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-PROGRESS_PREFIX = "PROGRESS "  # --progress-json lines on stderr, parsed by the Slicer modules (RadiomicGANLib/process.py)
-EPOCH_PROGRESS_KEYS = ("epoch", "window", "next_window", "loss_g", "loss_d", "l1", "accuracy", "val_psnr_db", "val_input_psnr_db")
-
-
-def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
+def _progress_lines(enabled: bool, task: str, interval: float = PROGRESS_INTERVAL_S):
     """A function(stage, done, total, **extra) printing one ``PROGRESS {json}`` line to stderr, at most every
     ``interval`` seconds except for a stage's first and last steps; a no-op when not ``enabled``."""
     import time
@@ -101,9 +106,7 @@ def _progress_lines(enabled: bool, task: str, interval: float = 0.25):
         if done < total and stage == last["stage"] and now - last["time"] < interval:
             return
         last["time"], last["stage"] = now, stage
-        record = {"task": task, "stage": stage, "done": int(done), "total": int(total),
-                  "fraction": round(done / total, 4) if total else 1.0, **extra}
-        print(PROGRESS_PREFIX + json.dumps(record), file=sys.stderr, flush=True)
+        print(progress_line(task, stage, done, total, **extra), file=sys.stderr, flush=True)
 
     return emit
 
@@ -239,7 +242,7 @@ def cmd_train(args) -> int:
     emit = _progress_lines(args.progress_json, "train")
 
     def on_epoch(record: dict) -> None:
-        emit("epoch", record["epoch"] + 1, config.epochs, **{k: record[k] for k in EPOCH_PROGRESS_KEYS if k in record})
+        emit("epoch", record["epoch"] + 1, config.epochs, **{k: record[k] for k in EPOCH_KEYS if k in record})
 
     card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None,
                  on_epoch=on_epoch)
@@ -285,6 +288,23 @@ def cmd_harmonize(args) -> int:
                   f"hot spots {100 * w['hot_fraction']:.1f} % of voxels" + (f", spanning [{span[0]:.0f}, {span[1]:.0f}] HU" if span else ""))
         print(f"  maps and windows: {args.gradcam} (harmonized), its _input and _windows.json companions")
     return 0
+
+
+def cmd_cohort(args) -> int:
+    """Harmonize and measure a whole study folder or CSV of scans (see radiomicgan.cohort)."""
+    from .cohort import exit_status, run_cohort
+    from .cohort_stats import format_batch_effect
+
+    emit = _progress_lines(args.progress_json, "cohort")
+    result = run_cohort(args.input, args.model, args.out, device=args.device, batch=args.batch, workers=args.workers,
+                        rois=args.rois, params=args.params, per_range=args.per_range, min_slices=args.min_slices,
+                        th_fail=args.th_fail, seed=args.seed, combat_train_fraction=args.combat_train_fraction,
+                        progress=emit, show_bar=not args.progress_json and sys.stderr.isatty())
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    if result.summary.get("batch_effect"):
+        print(format_batch_effect(result.summary["batch_effect"]))
+    return exit_status(result.failed)
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -350,8 +370,15 @@ def cmd_evaluate(args) -> int:
                       f"in [{lo:g}, {hi:g}] HU", file=sys.stderr)
         if args.whole_image:
             rois += body_slice_rois(reference)
+    from .reproducibility import available_memory, plan_workers
+
     emit = _progress_lines(args.progress_json, "evaluate")
     images = 1 + len(candidates)
+    volume_bytes = sum(v.hu.nbytes for v in (reference, *candidates.values()))
+    workers, why = plan_workers(volume_bytes, images * len(rois), requested=args.workers, max_memory=args.max_memory,
+                                available=available_memory())
+    if not args.progress_json:
+        print(f"radiomicgan: note: {workers} worker process{'es' if workers > 1 else ''}: {why}", file=sys.stderr)
     with tqdm(desc="radiomic features", unit="ROI", disable=args.progress_json or not sys.stderr.isatty()) as bar:
         def progress(done, total):
             bar.total = total
@@ -362,8 +389,8 @@ def cmd_evaluate(args) -> int:
                 emit("report", 0, 1)
 
         if rois:
-            emit("features", 0, images * len(rois), images=images, rois=len(rois))
-        evaluation = evaluate(reference, candidates, rois, params=args.params, workers=args.workers, threshold=args.threshold,
+            emit("features", 0, images * len(rois), images=images, rois=len(rois), workers=workers, workers_reason=why)
+        evaluation = evaluate(reference, candidates, rois, params=args.params, workers=workers, threshold=args.threshold,
                               bootstrap=args.bootstrap, seed=args.seed, reference_name=args.reference_name, progress=progress)
     write_report(evaluation, out, {args.reference_name: reference, **candidates}, overwrite=args.overwrite)
     print(format_counts(evaluation.summary))
@@ -425,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(tr)  # every training setting, from radiomicgan.settings
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
-    tr.add_argument("--progress-json", action="store_true",
+    tr.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print a machine-readable line 'PROGRESS {json}' to stderr after each epoch (for the Slicer module)")
+    tr.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     tr.set_defaults(func=cmd_train)
 
     hz = sub.add_parser("harmonize", help="harmonize a CT volume with a trained model; optionally map Grad-CAM windows")
@@ -442,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     hz.add_argument("--compile", action="store_true", help="torch.compile the generator (CUDA; pays off on large volumes)")
     hz.add_argument("--series", help="SeriesInstanceUID when the input folder holds several series")
     hz.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    hz.add_argument("--progress-json", action="store_true",
+    hz.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
+    hz.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     hz.set_defaults(func=cmd_harmonize)
 
     ev = sub.add_parser("evaluate", help="radiomic reproducibility (CCC) and PSNR/SSIM of candidates against a reference")
@@ -463,15 +492,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--roi-slices", type=_at_least(1), default=3, help="slices of random ROIs (default 3)")
     ev.add_argument("--whole-image", action="store_true", help="also measure the whole body on every slice")
     ev.add_argument("--params", help="pyradiomics parameter file (default: radiomics_ct.yaml shipped in the package, radiomicgan/data)")
-    ev.add_argument("--workers", type=_at_least(1), help="processes (default one per core)")
+    ev.add_argument("--workers", type=_at_least(1),
+                    help="processes (default: one per core, as far as memory allows: each holds a copy of every volume)")
+    ev.add_argument("--max-memory", type=_memory_size, metavar="SIZE",
+                    help="memory the worker processes may use together, e.g. 8G or 512M (default: what is available)")
     ev.add_argument("--threshold", type=_fraction, default=0.85, help="CCC above which a feature is reproducible")
     ev.add_argument("--bootstrap", type=_at_least(0), default=100, help="bootstrap resamples of the ROIs for mean +- SD")
     ev.add_argument("--reference-name", default="reference")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--overwrite", action="store_true")
-    ev.add_argument("--progress-json", action="store_true",
+    ev.add_argument(PROGRESS_OPTION, action="store_true",
                     help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar (for the Slicer module)")
+    ev.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
     ev.set_defaults(func=cmd_evaluate)
+
+    co = sub.add_parser("cohort", help="harmonize and measure every CT series of a study folder or CSV (resumable)")
+    co.add_argument("input", help="folder of DICOM studies (any depth) or images, or a CSV with columns path[, roi][, batch]")
+    co.add_argument("--model", required=True, help="model folder made by `radiomicgan train`")
+    co.add_argument("--out", required=True, help="output folder: harmonized/ (mirrored tree), qa.csv, features.csv, "
+                    "cohort.json, report.html; rerun the same command to resume")
+    co.add_argument("--rois", choices=["none", "labels", "ranges"], default="none",
+                    help="pyradiomics features of input and result: labels (the CSV's roi label maps), ranges (random "
+                         "boxes per HU range) or none (default)")
+    co.add_argument("--params", help="pyradiomics parameter file (default: radiomics_ct.yaml shipped in the package, radiomicgan/data; "
+                    "radiomics_cohort.yaml beside it for quick runs)")
+    co.add_argument("--per-range", type=_at_least(1), default=5, help="random boxes per HU range with --rois ranges")
+    co.add_argument("--min-slices", type=_at_least(1), default=3, help="series with fewer slices are skipped (default 3)")
+    co.add_argument("--workers", type=_at_least(1), help="processes (default: one per core, fewer when memory is short)")
+    co.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)")
+    co.add_argument("--batch", type=_at_least(1), help="slices per batch")
+    co.add_argument("--th-fail", type=_fraction, default=0.5, help="CAM value that marks a hot spot (default 0.5)")
+    co.add_argument("--combat-train-fraction", type=_fraction, default=0.5,
+                    help="share of the patients ComBat learns on (applied to the rest; default 0.5)")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--progress-json", action="store_true",
+                    help="print machine-readable lines 'PROGRESS {json}' to stderr instead of a progress bar")
+    co.add_argument(STOP_OPTION, action="store_true", help=STOP_HELP)
+    co.set_defaults(func=cmd_cohort)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded phantom (no data needed)")
     demo.add_argument("--out", default="demo_output")
@@ -486,22 +543,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_HELP = ("stop as on Ctrl-C when a line 'stop' arrives on standard input or it closes (for programs that run this "
+             "one in the background, on every platform; train then keeps its last complete epoch)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
     from .staging import sigterm_as_interrupt
 
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *rest: f"radiomicgan: warning: {message}\n"
+    warnings.formatwarning = lambda message, category, *rest: f"{WARNING_PREFIX}{message}\n"
+    if threading.current_thread() is threading.main_thread() and getattr(args, "stop_on_stdin", False):
+        from .jobs import watch_stdin_for_stop
+
+        watch_stdin_for_stop()
     try:
         with sigterm_as_interrupt():  # a cancel by SIGTERM removes every staging, as Ctrl-C does
             return args.func(args)
     except RadiomicGANError as exc:
-        print(f"radiomicgan: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # an output path the system refuses (a file in the way, no permission, too long)
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"radiomicgan: error: {where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{where}{exc.strerror or str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("radiomicgan: cancelled; no output written", file=sys.stderr)

@@ -6,11 +6,15 @@ A manifest is JSON beside the volumes; paths in it are relative to its folder so
     {"format": "radiomicgan-pairs/1",
      "pairs": [{"id": "case000", "source": "case000_B30.nrrd", "target": "case000_B50.nrrd",
                 "source_kernel": "B30", "target_kernel": "B50", "labels": "case000_labels.nrrd"}]}
+
+Kernel names left out are read from the volumes' ConvolutionKernel tags (``name_kernels``), so a manifest that
+only lists two DICOM series of one scan (e.g. Toshiba FC51 and FC13) trains a model whose card names them.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +23,7 @@ import numpy as np
 
 from .errors import CTInputError, DatasetError
 from .io import read_volume
+from .kernels import same_kernel
 from .volume import CTVolume
 
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +49,14 @@ class Manifest:
 
     @property
     def kernels(self) -> tuple[str, str]:
-        return self.pairs[0].source_kernel, self.pairs[0].target_kernel
+        """(source, target) kernel names; every pair must convert the same ones (compared by name, any vendor)."""
+        source, target = self.pairs[0].source_kernel, self.pairs[0].target_kernel
+        for q in self.pairs[1:]:
+            for mine, first in ((q.source_kernel, source), (q.target_kernel, target)):
+                if (mine or first) and not same_kernel(mine, first):
+                    raise DatasetError(f"{self.path}: pair '{q.id}' converts {q.source_kernel or '?'} -> {q.target_kernel or '?'}, "
+                                       f"pair '{self.pairs[0].id}' {source or '?'} -> {target or '?'}; one model learns one direction")
+        return source, target
 
 
 def manifest_entry(pair_id: str, source: str, target: str, source_kernel: str, target_kernel: str, labels: str | None = None) -> dict:
@@ -101,6 +113,20 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(path=p, pairs=pairs, info=data.get("info", {}))
 
 
+def name_kernels(pairs: list[Pair], volumes: list[tuple[CTVolume, CTVolume]]) -> None:
+    """Kernel names from the scans themselves: a pair whose manifest entry leaves a kernel unnamed takes it from
+    the volume's ConvolutionKernel tag (any vendor: B30f, FC51); a named kernel whose tag names another is kept,
+    with a warning. Pairs whose tags name one kernel differently (B30f, B31f) take the first pair's name."""
+    for pair, volumes_of_pair in zip(pairs, volumes):
+        for side, volume in zip(("source", "target"), volumes_of_pair):
+            named, tag = getattr(pair, f"{side}_kernel"), volume.meta.kernel.split("\\")[0].strip()
+            if not named and tag:
+                first = getattr(pairs[0], f"{side}_kernel")
+                setattr(pair, f"{side}_kernel", first if first and same_kernel(first, tag) else tag)
+            elif named and tag and not same_kernel(named, tag):
+                warnings.warn(f"pair '{pair.id}': the manifest names the {side} kernel '{named}', the scan's tag says '{tag}'")
+
+
 def check_pair(pair_id: str, source: CTVolume, target: CTVolume) -> None:
     """Training pairs must be the same scan voxel for voxel: same grid, same place in the patient."""
     if not source.same_geometry(target):
@@ -122,14 +148,20 @@ def load_pair(pair: Pair) -> tuple[CTVolume, CTVolume]:
 
 class SliceSampler:
     """Random paired crops from random slices of a manifest's volumes, with the same flips and quarter
-    turns applied to both images of a pair (kernels are rotation invariant, anatomy is not learnt)."""
+    turns applied to both images of a pair (kernels are rotation invariant, anatomy is not learnt).
 
-    def __init__(self, manifest: Manifest, crop: int | None = 128, augment: bool = True, seed: int = 0):
+    ``contrast`` > 0 also scales both crops' HU about air by one factor drawn from [1 - contrast, 1 + contrast]:
+    a reconstruction kernel is linear, so the scaled pair is still a pair of the two kernels (another patient's
+    contrast and noise level, same kernels). Zoom is left out: it would change the kernels' response per pixel."""
+
+    def __init__(self, manifest: Manifest, crop: int | None = 128, augment: bool = True, seed: int = 0, contrast: float = 0.0):
         self.manifest = manifest
         self.crop = crop
         self.augment = augment
+        self.contrast = contrast
         self.rng = np.random.default_rng(seed)
         self.volumes = [load_pair(p) for p in manifest.pairs]
+        name_kernels(manifest.pairs, self.volumes)
         self.slice_index = [(v, k) for v, (s, _) in enumerate(self.volumes) for k in range(s.shape[0])]
 
     def __len__(self) -> int:
@@ -147,6 +179,9 @@ class SliceSampler:
                 s, t = np.rot90(s, turns), np.rot90(t, turns)
                 if self.rng.random() < 0.5:
                     s, t = s[:, ::-1], t[:, ::-1]
+            if self.contrast > 0:
+                gain = 1.0 + self.rng.uniform(-self.contrast, self.contrast)
+                s, t = AIR_HU + gain * (s - AIR_HU), AIR_HU + gain * (t - AIR_HU)
             sources.append(np.ascontiguousarray(s))
             targets.append(np.ascontiguousarray(t))
         return np.stack(sources), np.stack(targets)

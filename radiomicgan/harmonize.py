@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from .jobs import gradcam_paths
 from .errors import CTInputError, RadiomicGANError
 from .io import (
     check_own_dicom_folder,
@@ -34,7 +35,7 @@ from .io import (
     write_volume,
     written_by_radiomicgan,
 )
-from .kernels import preset_for_tag
+from .kernels import same_kernel
 from .modelio import LoadedModel, ModelCard, load_model, resolve_device
 from .staging import staged_many
 from .volume import CTVolume
@@ -374,13 +375,12 @@ def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), devi
 
 
 def check_kernel(volume: CTVolume, model: LoadedModel) -> str | None:
-    """A warning text when the scan's kernel tag is not the model's source kernel (never an error: tags vary)."""
+    """A warning text when the scan's kernel tag does not name the model's source kernel (never an error: tags
+    vary). Compared by name, any vendor (FC51 = FC51, B30f = B30); Siemens tags near one preset count as one."""
     source = model.card.source_kernel
-    expected = preset_for_tag(source) or None
-    found = preset_for_tag(volume.meta.kernel)
     if not volume.meta.kernel:
         return f"{volume.source}: no ConvolutionKernel tag; the model converts {source} images"
-    if expected is not None and found != expected:
+    if source and not same_kernel(volume.meta.kernel, source):
         return f"{volume.source}: kernel '{volume.meta.kernel}' differs from the model's source kernel '{source}'; results may not be valid"
     return None
 
@@ -433,8 +433,7 @@ def cam_paths(cam_output: Path) -> tuple[Path, Path, Path]:
     suffix = image_suffix(cam_output)
     if not suffix:
         raise CTInputError(f"{cam_output}: Grad-CAM maps are written as .nrrd, .nii, .nii.gz or .mha")
-    stem = cam_output.name[: -len(suffix)]
-    return cam_output, cam_output.with_name(f"{stem}_input{suffix}"), cam_output.with_name(f"{stem}_windows.json")
+    return gradcam_paths(cam_output, suffix)
 
 
 def harmonize_file(

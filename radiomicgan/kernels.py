@@ -102,14 +102,45 @@ def get_preset(name: str) -> KernelPreset:
     return PRESETS[key]
 
 
+# Siemens names its kernels with a capital, an optional small letter and two digits (B30f, Br40d, I70f\\3, Hr40f);
+# the digits grow with sharpness, which is what the presets (fitted on Siemens B10f-B70f) are indexed by. Other
+# vendors' numbers mean other things (Toshiba/Canon FC13 is a soft body kernel, FC51 a lung kernel; GE and Philips
+# use words and letters), so only Siemens-style tags are matched to a preset.
+SIEMENS_TAG = re.compile(r"^\s*([A-Z][a-z]?)(\d{2})(?!\d)")
+
+
 def preset_for_tag(tag: str) -> KernelPreset | None:
-    """The preset a DICOM ConvolutionKernel tag (e.g. 'B30f', 'Br40', 'I50f') is closest to, if any is close."""
-    match = re.search(r"(\d{2})", tag or "")
+    """The preset a Siemens-style ConvolutionKernel tag (e.g. 'B30f', 'Br40', 'I50f') is closest to, if any is
+    close; None for other vendors' tags (FC51, STANDARD), whose numbers are no Siemens sharpness."""
+    match = SIEMENS_TAG.match(tag or "")
     if not match:
         return None
-    number = int(match.group(1))
+    number = int(match.group(2))
     best = min(PRESETS.values(), key=lambda p: abs(int(p.name[1:]) - number))
     return best if abs(int(best.name[1:]) - number) <= 10 else None
+
+
+def kernel_name(tag: str) -> str:
+    """A kernel tag reduced to what names the kernel, for comparing tags: the first value of a multi-valued tag,
+    upper case, without a Siemens suffix (B30f, B30s -> B30; Br40d -> BR40) or the simulator's '-sim'
+    (B50-sim -> B50); other vendors' names as they are (FC51, STANDARD)."""
+    first = str(tag or "").split("\\")[0].strip()
+    first = re.sub(r"-sim$", "", first, flags=re.IGNORECASE)
+    match = SIEMENS_TAG.match(first)
+    if match:
+        return (match.group(1) + match.group(2)).upper()
+    return first.upper()
+
+
+def same_kernel(a: str, b: str) -> bool:
+    """Whether two kernel tags name the same kernel: equal names (FC51 = fc51, B30f = B30), or Siemens tags close
+    to the same preset (B31f ~ B30). Tags from different vendors never match."""
+    if not a or not b:
+        return False
+    if kernel_name(a) == kernel_name(b):
+        return True
+    pa, pb = preset_for_tag(a), preset_for_tag(b)
+    return pa is not None and pa == pb
 
 
 def radial_frequency(shape: tuple[int, int], spacing_yx: tuple[float, float], real: bool = True) -> np.ndarray:

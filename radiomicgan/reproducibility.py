@@ -379,14 +379,67 @@ def _extract(task: tuple[str, int, ROI]) -> tuple[str, int, dict]:
     return image_name, roi_index, features
 
 
+WORKER_OVERHEAD_BYTES = 512 * 2**20  # a worker's interpreter, pyradiomics, SimpleITK and its filtered crops
+GiB = 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes now (psutil, else /proc/meminfo, else sysconf), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_workers(volume_bytes: int, tasks: int, *, requested: int | None = None, max_memory: int | None = None,
+                 cores: int | None = None, available: int | None = None) -> tuple[int, str]:
+    """How many extraction processes, and why. Each worker holds a copy of every volume (its crops are cut from
+    them) plus ``WORKER_OVERHEAD_BYTES``, so real CTs on a many-core machine are bounded by memory, not cores:
+    ``min(cores, memory // per_worker, tasks)``, where memory is the smaller of what is available now and
+    ``max_memory``. ``requested`` (``--workers``) is taken as given."""
+    cores = cores or os.cpu_count() or 1
+    per_worker = int(volume_bytes) + WORKER_OVERHEAD_BYTES
+    if requested:
+        return int(requested), f"{requested} as asked (--workers)"
+    budget = [b for b in (available, max_memory) if b is not None]
+    if not budget:
+        n = max(1, min(cores, tasks))
+        return n, f"one per core ({cores} cores; free memory unknown)"
+    memory = min(budget)
+    by_memory = max(1, memory // per_worker)
+    n = max(1, min(cores, by_memory, tasks))
+    source = "--max-memory" if max_memory is not None and memory == max_memory else "available"
+    if n == by_memory and by_memory < min(cores, tasks):
+        why = (f"bounded by memory: {memory / GiB:.1f} GiB {source}, about {per_worker / GiB:.1f} GiB per worker "
+               f"(a copy of every volume and pyradiomics); {cores} cores")
+    else:
+        why = f"one per core ({cores} cores; about {per_worker / GiB:.1f} GiB per worker, {memory / GiB:.1f} GiB {source})"
+    return int(n), why
+
+
 def extract_features(volumes: dict[str, CTVolume], rois: list[ROI], params: str | os.PathLike | None = None,
                      workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """{image name: [features dict per ROI]} for every volume, in ``workers`` processes (default: one per core)."""
+    """{image name: [features dict per ROI]} for every volume, in ``workers`` processes (default: as many as the
+    cores and the memory allow, ``plan_workers``)."""
     params = check_params(params)
     packed = {name: (v.hu, v.spacing, v.origin, v.direction) for name, v in volumes.items()}
     tasks = [(name, k, roi) for name in volumes for k, roi in enumerate(rois)]
     out = {name: [None] * len(rois) for name in volumes}
-    workers = workers or os.cpu_count() or 1
+    if not workers:
+        workers, _ = plan_workers(sum(v.hu.nbytes for v in volumes.values()), len(tasks), available=available_memory())
     done = 0
     if workers == 1:
         _init_worker(packed, params)

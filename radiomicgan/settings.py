@@ -4,7 +4,7 @@
 line's options (``add_arguments``), the checks (``TrainConfig.check``), the model card's ``config`` and the
 argument list a program passes to ``radiomicgan train`` (``to_arguments``, used by the Slicer modules, whose Train
 panel shows the settings marked ``panel``). Adding a hyperparameter is one field here. Imports neither torch nor
-numpy: the Slicer panels read it before the packages are installed.
+the packages Slicer lacks (numpy it has): the Slicer panels read it before those are installed.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 from . import methods
 from .errors import TrainingError
 
-STANDARD_RANGE = (-1024.0, 1000.0)  # the standardization range (radiomicgan.window)
-SCHEDULES = ("dwt", "fixed", "dynamic", "none")
-WINDOW_SCALINGS = ("window", "fixed")
+from .window import SCHEDULES, STANDARD_RANGE, WINDOW_SCALINGS  # noqa: E402  (numpy only: Slicer has it)
+
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
@@ -139,8 +138,11 @@ class TrainConfig:
     lambda_l1: float = setting(float, 100.0, "weight of L1 against the adversarial loss", minimum=0.0)
     adversarial_warmup: int = setting(int, 0, "first steps trained on L1 alone (the discriminator trains meanwhile)",
                                       minimum=0)
-    window_scaling: str = setting(str, "fixed", "scale each window to [-1, 1] over the window itself (paper) or over "
-                                  "--hu-range (default fixed, chosen by measurement: see README)", choices=WINDOW_SCALINGS)
+    contrast_jitter: float = setting(float, 0.0, "training crops' HU scaled about air by 1 +- this (0: off)", minimum=0.0,
+                                     maximum=1.0, open_maximum=True)
+    window_scaling: str = setting(str, "fixed", "scale each window to [-1, 1] over the window itself (window, the paper's), "
+                                  "over --hu-range (fixed; default, chosen by measurement: see README), or over --hu-range "
+                                  "with the L1 weighing the window's pixels (focus)", choices=WINDOW_SCALINGS)
     consolidate: float = setting(float, 0.25, "fraction of the epochs (at least one) that end training at the inference "
                                  "window", minimum=0.0, maximum=1.0, open_maximum=True)
     th_acc: float = setting(float, 0.5, "fixed growing: widen when generator accuracy exceeds this", minimum=0.0, maximum=1.0,

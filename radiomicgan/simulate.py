@@ -15,7 +15,7 @@ from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
 from .io import check_owned, write_map, write_volume
 from .staging import staged
-from .kernels import KernelPreset, get_preset, preset_for_tag, rekernel, simulate_kernels
+from .kernels import KernelPreset, get_preset, kernel_name, preset_for_tag, rekernel, simulate_kernels
 from .phantom import make_chest_phantom
 from .volume import CTMetadata, CTVolume
 
@@ -130,7 +130,7 @@ def rekernel_volume(
                 f"{volume.source}: kernel tag '{volume.meta.kernel or 'missing'}' matches no preset; "
                 "name the source kernel (--source-kernel)"
             )
-        if volume.meta.kernel.upper().rstrip("FS").replace("-SIM", "") != source.name:
+        if kernel_name(volume.meta.kernel) != source.name:
             warnings.warn(f"{volume.source}: kernel '{volume.meta.kernel}' taken as the {source.name} preset ({source.description})")
     hu = rekernel(volume.hu, volume.spacing[:2], source, target, seed=seed, noise_scale=noise_scale)
     return volume.with_hu(
@@ -203,15 +203,20 @@ def rekernel_folder_pairs(
                 raise CTInputError(f"{name}: already a {scan_preset.name} scan; simulate another kernel than the scans'")
             simulated = rekernel_volume(volume, source_preset.name, scan_preset.name, seed=int(seeds[k]), noise_scale=noise_scale)
             case = f"scan{len(entries):03d}"
-            names = [f"{case}_{source_preset.name}-sim{suffix}", f"{case}_{scan_preset.name}{suffix}"]
+            # the target is named by the scan's own tag (FC51, B50f), the vendor's name, not the preset's
+            target_name = kernel_name(volume.meta.kernel) or scan_preset.name
+            names = [f"{case}_{source_preset.name}-sim{suffix}", f"{case}_{target_name}{suffix}"]
             write_volume(simulated, tmp / names[0])
             write_volume(volume, tmp / names[1])
-            entries.append(manifest_entry(case, names[0], names[1], source_preset.name, scan_preset.name))
+            entries.append(manifest_entry(case, names[0], names[1], source_preset.name, target_name))
             entries[-1]["scan"] = name
             if progress:
                 progress(k + 1, len(scans))
         if not entries:
             raise CTInputError(f"{folder}: none of its {len(scans)} volume(s) could be read as CT")
+        if len({e["target_kernel"] for e in entries}) > 1:  # scans tagged B30f and B31f: one model, one direction
+            for e in entries:
+                e["target_kernel"] = scan_preset.name
         info = {
             "generator": f"radiomicgan {__version__} re-kernelled scans",
             "source_kernel": f"{source_preset.description}, simulated from each scan",

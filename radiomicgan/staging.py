@@ -10,7 +10,7 @@ One place for it and for the signals around it::
     with staged_many([volume, cam]) as (tmp_volume, tmp_cam):   # several outputs: all of them or none
         ...
 
-The staging name ``.NAME.partial-PID-TOKEN[SUFFIX]`` is unique per process and keeps the target's suffix (SimpleITK
+The staging name ``.NAME-partial-PID-TOKEN[SUFFIX]`` is unique per process and keeps the target's suffix (SimpleITK
 and numpy pick the format from it). Files are flushed to disk (fsync) before the rename. On any exception,
 Ctrl-C or SIGTERM (``sigterm_as_interrupt`` turns it into Ctrl-C's ``KeyboardInterrupt``) the staging is removed;
 the renames themselves run with those signals held (``signals_deferred``), so a cancel finds all outputs or none.
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from .errors import CTInputError
+from .jobs import STAGING_MARK  # the mark programs look for to clean up after a killed run (jobs.staged_leftovers)
 
 COMPOUND_SUFFIXES = (".nii.gz",)
 
@@ -36,7 +37,7 @@ def staging_name(target: Path) -> Path:
     """A hidden sibling of ``target``, unique per process, with the target's suffix."""
     target = Path(target)
     suffix = next((s for s in COMPOUND_SUFFIXES if target.name.lower().endswith(s)), target.suffix)
-    return target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    return target.with_name(f".{target.name}{STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def check_owned(folder: Path, owned: Callable[[Path], bool]) -> None:

@@ -40,11 +40,9 @@ from .modelio import (
 )
 from .settings import TrainConfig
 from .staging import on_interrupt, staged
-from .window import WindowSchedule, apply_window, growing_steps_per_window, select_window
+from .window import WindowSchedule, apply_window, growing_steps_per_window, select_window, window_weight
+from .jobs import CAM_PLOT, CAM_SAMPLES, CANCEL_NAME, LOG_NAME, WINDOWS_PLOT  # noqa: E402,F401  (shared with the programs that read them)
 
-LOG_NAME = "train_log.jsonl"
-CANCEL_NAME = "CANCEL"
-WINDOWS_PLOT, CAM_PLOT, CAM_SAMPLES = "windows.png", "gradcam_samples.png", "gradcam_samples.npz"
 __all__ = ["TrainConfig", "TrainingError", "train"]  # TrainConfig: every setting, defined in radiomicgan.settings
 
 
@@ -285,7 +283,7 @@ class _Run:
         if dist.main:
             _prepare_output(out, resume, config)
         train_set, self.val, val_label = _split(manifest, config.val_slices)
-        self.sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank)
+        self.sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
         for source, _ in self.sampler.volumes:
             if min(source.shape[1:]) < self.method.min_crop:
                 m = self.method.min_crop
@@ -370,9 +368,12 @@ class _Run:
             window = self.schedule.window  # fixed growing paced by steps widens it within an epoch
             x, y = (torch.from_numpy(apply_window(hu, window, config.hu_range, config.window_scaling))[:, None]
                     .to(self.device, memory_format=self.memory_format) for hu in (source, target))
+            weight = window_weight(target, window, config.hu_range, config.window_scaling)  # focus scaling only
+            if weight is not None:
+                weight = torch.from_numpy(weight)[:, None].to(self.device, memory_format=self.memory_format)
             _set_learning_rate(config, (self.opt_g, self.opt_d), self.steps_done, self.total_steps)
             record = train_step(config, self.g_train, self.d_train, self.opt_g, self.opt_d, x, y, self.autocast,
-                                adversarial=self.steps_done >= config.adversarial_warmup)
+                                adversarial=self.steps_done >= config.adversarial_warmup, weight=weight)
             for k in sums:
                 sums[k] += record.get(k, 0.0)
             self.steps_done += 1
@@ -465,13 +466,14 @@ def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
                 group["lr"] = config.lr * factor
 
 
-def train_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial: bool = True) -> dict:
-    """One optimisation step, by the method's loss (``radiomicgan.methods``)."""
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial: bool = True, weight=None) -> dict:
+    """One optimisation step, by the method's loss (``radiomicgan.methods``). ``weight`` (``focus`` windows): the
+    L1 is the mean over the weighted pixels."""
     step = {"gan": _gan_step, "l2": _l2_step}[methods.get(config.method).loss]
-    return step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial)
+    return step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight)
 
 
-def _l2_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
+def _l2_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight) -> dict:
     """Choe et al.: L2 on the residual."""
     import torch.nn.functional as F
 
@@ -485,7 +487,7 @@ def _l2_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
     return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
 
 
-def _gan_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
+def _gan_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight) -> dict:
     """pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) + lambda L1 (L1 alone while
     ``adversarial`` is off)."""
     import torch
@@ -503,7 +505,10 @@ def _gan_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial) -> dict:
     loss_d.backward()
     opt_d.step()
     with autocast:
-        l1 = F.l1_loss(fake.float(), y.float())
+        if weight is None:
+            l1 = F.l1_loss(fake.float(), y.float())
+        else:
+            l1 = ((fake.float() - y.float()).abs() * weight).sum() / weight.sum().clamp(min=1.0)
         loss_g = config.lambda_l1 * l1
         if adversarial:  # off during the warm-up: the discriminator trains meanwhile, the generator sees L1 only
             logits = d(x, fake)

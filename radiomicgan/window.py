@@ -1,11 +1,14 @@
 """HU windows and Dynamic Window-based Training (DWT) schedules.
 
 A window [lo, hi] is the HU range a model sees in one epoch: input and target are clipped to it, then scaled
-to the network's [-1, 1] in one of two ways (``window_scaling``):
+to the network's [-1, 1] in one of three ways (``window_scaling``):
 - ``window``: min-max over the window itself, as the paper does, so a narrow window stretches CT contrast
   over the network's input range (a lung window magnifies lung texture eightfold);
 - ``fixed``: over the standardization range ([-1024, 1000] HU by default) in every epoch, so one network unit
-  means the same HU throughout and DWT is a clip-only curriculum.
+  means the same HU throughout and DWT is a clip-only curriculum;
+- ``focus``: nothing is clipped to the window: the images are scaled as at inference, and the window picks the
+  pixels the L1 loss weighs (target HU inside it; ``window_weight``). The curriculum so moves the model's
+  attention over the HU range without training it on clipped images it never meets at inference.
 Training ends with consolidation epochs at the inference window (the whole range unless a card says
 otherwise), so both variants end on the scale they are used at. At inference, pixels outside the inference
 window are carried over from the input (see ``carry_weight``).
@@ -28,7 +31,7 @@ import numpy as np
 
 STANDARD_RANGE = (-1024.0, 1000.0)
 SCHEDULES = ("dwt", "fixed", "dynamic", "none")
-WINDOW_SCALINGS = ("window", "fixed")
+WINDOW_SCALINGS = ("window", "fixed", "focus")
 CARRY_MARGIN_HU = 50.0  # blend width between harmonized and carried-over pixels at the range edges
 
 
@@ -51,9 +54,25 @@ def scale_range(window, hu_range=STANDARD_RANGE, scaling: str = "fixed") -> tupl
 
 
 def apply_window(hu, window, hu_range=STANDARD_RANGE, scaling: str = "fixed"):
-    """Clip HU to the window, then scale to [-1, 1] (over the window, or over the standardization range)."""
+    """Clip HU to the window, then scale to [-1, 1] (over the window, or over the standardization range); with
+    ``focus`` scaling, clip to the standardization range only, as at inference."""
+    if scaling == "focus":
+        window = hu_range
     clipped = hu.clip(window[0], window[1]) if hasattr(hu, "clip") else np.clip(hu, window[0], window[1])
     return to_unit(clipped, scale_range(window, hu_range, scaling))
+
+
+def window_weight(target_hu: np.ndarray, window, hu_range=STANDARD_RANGE, scaling: str = "fixed") -> np.ndarray | None:
+    """``focus`` scaling: 1 where the target's HU lie in the window, else 0 (a bound at the standardization
+    range's edge is open, so the whole-range window weighs every pixel); None for the other scalings."""
+    if scaling != "focus":
+        return None
+    inside = np.ones(target_hu.shape, dtype=bool)
+    if window[0] > hu_range[0]:
+        inside &= target_hu >= window[0]
+    if window[1] < hu_range[1]:
+        inside &= target_hu <= window[1]
+    return inside.astype(np.float32)
 
 
 def carry_weight(hu, hu_range=STANDARD_RANGE, margin: float = CARRY_MARGIN_HU):

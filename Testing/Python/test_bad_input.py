@@ -395,6 +395,10 @@ def test_no_subcommand_shows_a_traceback_on_malformed_arguments(data, work, caps
                      ["--reference", vol, "--candidate", f"a={vol}", "--out", work / "r", "--labels", missing],
                      ["--reference", vol, "--candidate", f"a={vol}", "--out", work / "r", "--boxes", work / "junk.nrrd"]],
         "demo": [["--size", "4"], ["--out", vol]],
+        "cohort": [[], [missing, "--model", data / "filter", "--out", work / "c"], [vol, "--model", data / "filter", "--out", work / "c"],
+                   [data, "--model", work, "--out", work / "c"], [data, "--model", data / "filter", "--out", data / "c"],
+                   [data, "--model", data / "filter", "--out", work / "c", "--workers", "0"],
+                   [data, "--model", data / "filter", "--out", work / "c", "--rois", "labels"]],
     }
     assert set(malformed) == set(build_parser()._subparsers._group_actions[0].choices)  # every subcommand is tried
     for command, cases in malformed.items():

@@ -87,6 +87,17 @@ def test_sampler_crops_and_augments_both_images_alike(tmp_path):
     assert len(gradients) >= 3
 
 
+def test_sampler_contrast_jitter_scales_both_images_about_air(tmp_path):
+    sampler = SliceSampler(_shifted_pair_set(tmp_path / "d"), crop=16, seed=0, contrast=0.2)
+    source, target = sampler.sample(32)
+    gains = (target - source)[:, 0, 0] / 100.0  # one factor per pair, the same for both images
+    assert np.abs(target - source - gains[:, None, None] * 100.0).max() < 0.01
+    assert gains.min() >= 0.8 - 1e-6 and gains.max() <= 1.2 + 1e-6 and gains.std() > 0.05
+    air = SliceSampler(_shifted_pair_set(tmp_path / "e", shape=(1, 10, 12)), crop=16, augment=False, contrast=0.2)
+    padded, _ = air.sample(2)
+    assert (padded == -1024).sum() == 2 * (16 * 16 - 10 * 12)  # air stays air
+
+
 def test_sampler_pads_small_slices_with_air(tmp_path):
     sampler = SliceSampler(_shifted_pair_set(tmp_path / "d", shape=(1, 10, 12)), crop=16, augment=False)
     source, target = sampler.sample(2)
@@ -203,7 +214,7 @@ def test_simulate_command_pairs_from_a_folder_of_scans(tmp_path, capsys):
     assert main(["simulate", "--from", str(scans), "--pairs", str(tmp_path / "q")]) == 2
     assert main(["simulate", "--from", str(scans), "--kernel", "B50", "--pairs", str(tmp_path / "r")]) == 2
     assert "already a B50 scan" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial-*"))
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*partial*"))
 
 
 def test_simulate_command_rejects_bad_numbers(tmp_path, capsys):

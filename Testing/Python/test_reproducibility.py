@@ -352,3 +352,39 @@ def test_evaluate_command(scans, fast_params, tmp_path, capsys):
     assert main(["evaluate", "--reference", str(tmp_path / "b50.nrrd"), "--candidate", f"input={tmp_path / 'b30.nrrd'}",
                  "--labels", str(tmp_path / "empty.nrrd"), "--out", str(tmp_path / "r2")]) == 2
     assert "label map is empty" in capsys.readouterr().err
+
+
+def test_workers_are_bounded_by_the_memory_each_needs():
+    """Each worker holds a copy of every volume: four 512x512x300 float32 CTs (1.2 GiB) on a 64-core machine with
+    8 GiB free get 4 workers, not 64; without a memory figure, one per core; --workers is taken as given."""
+    from radiomicgan.reproducibility import WORKER_OVERHEAD_BYTES, plan_workers
+
+    volumes = 4 * 512 * 512 * 300 * 4
+    n, why = plan_workers(volumes, 1000, cores=64, available=8 * 2**30)
+    assert n == 8 * 2**30 // (volumes + WORKER_OVERHEAD_BYTES) == 4 and "bounded by memory" in why and "8.0 GiB available" in why
+    assert plan_workers(volumes, 1000, cores=64, available=8 * 2**30, max_memory=2 * 2**30)[0] == 1
+    assert "--max-memory" in plan_workers(volumes, 1000, cores=64, available=8 * 2**30, max_memory=4 * 2**30)[1]
+    assert plan_workers(1000, 1000, cores=2, available=64 * 2**30) == (2, plan_workers(1000, 1000, cores=2, available=64 * 2**30)[1])
+    assert plan_workers(1000, 1, cores=8, available=64 * 2**30)[0] == 1  # never more workers than measurements
+    assert plan_workers(volumes, 1000, cores=3)[0] == 3 and "unknown" in plan_workers(volumes, 1000, cores=3)[1]
+    assert plan_workers(volumes, 1000, requested=5, cores=2, available=1)[0] == 5
+
+
+def test_evaluate_progress_says_how_many_workers_and_why(scans, fast_params, tmp_path, capsys):
+    source, target, labels = scans
+    write_volume(target, tmp_path / "b50.nrrd")
+    write_volume(source, tmp_path / "b30.nrrd")
+    write_map(np.where(labels == 3, 1, 0), target, tmp_path / "labels.nrrd")
+    args = ["evaluate", "--reference", str(tmp_path / "b50.nrrd"), "--candidate", f"input={tmp_path / 'b30.nrrd'}",
+            "--labels", str(tmp_path / "labels.nrrd"), "--params", str(fast_params), "--bootstrap", "2", "--max-memory", "600M"]
+    assert main([*args, "--out", str(tmp_path / "r"), "--progress-json"]) == 0
+    from radiomicgan.jobs import parse_progress
+
+    first = next(r for r in map(parse_progress, capsys.readouterr().err.splitlines()) if r)
+    assert first["stage"] == "features" and first["workers"] == 1  # 600 MiB: room for one worker
+    assert "bounded by memory" in first["workers_reason"] and "--max-memory" in first["workers_reason"]
+    assert main([*args, "--out", str(tmp_path / "r2")]) == 0
+    assert "radiomicgan: note: 1 worker process: bounded by memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:-2], "--max-memory", "lots", "--out", str(tmp_path / "r3")])
+    assert exit_info.value.code == 2 and "expected a size" in capsys.readouterr().err

@@ -1,24 +1,18 @@
-"""The Slicer modules' background work, without Slicer: the core's command line really runs as a subprocess
-(progress, warnings, cancel that kills the process tree and leaves nothing), results come back as MRML nodes
-of slicer-core with their geometry, and the dependency logic asks once and installs the right things (the
-installers, PyTorchUtils and Slicer's pip, are the one allowed stand-in)."""
+"""The Slicer modules' background harmonization against the real MRML classes (slicer-core), without Slicer: the
+core runs as a subprocess and its results come back as MRML nodes with their geometry; a cancel leaves nothing.
+test_slicer_jobs.py has the background process, the job contract and the dependency logic, which need no MRML."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requirement")
 
-from RadiomicGANLib import dependencies  # noqa: E402
 from RadiomicGANLib.harmonization import (  # noqa: E402
     HarmonizeJob,
     describe_model,
@@ -31,9 +25,9 @@ from RadiomicGANLib.harmonization import (  # noqa: E402
 from RadiomicGANLib.mrml import KERNEL_ATTRIBUTE, add_volume_node, ijk_to_world, set_window, volume_from_node  # noqa: E402
 from RadiomicGANLib.process import (  # noqa: E402
     BackgroundProcess,
+    ExitCode,
+    JobStatus,
     core_command,
-    parse_progress,
-    python_command,
     warning_text,
 )
 
@@ -82,81 +76,6 @@ def _matrix(node) -> np.ndarray:
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
-# ------------------------------------------------------------------------------------------ BackgroundProcess
-
-
-def test_python_and_core_command_outside_slicer():
-    assert python_command() == [sys.executable]
-    assert core_command("harmonize", "x") == [sys.executable, "-m", "radiomicgan.cli", "harmonize", "x"]
-
-
-def test_background_process_runs_the_core_and_delivers_its_lines(tmp_path):
-    seen = []
-    process = BackgroundProcess(core_command("--version"), cwd=tmp_path, on_output=seen.append).start()
-    assert process.wait(120) == 0 and process.returncode == 0 and not process.running
-    assert seen == process.lines and seen[-1].startswith("radiomicgan ")
-    bad = BackgroundProcess(core_command("info", str(tmp_path / "missing.nrrd"))).start()
-    assert bad.wait(120) == 2 and bad.lines[-1].startswith("radiomicgan: error: ")  # one line, no traceback
-
-
-def test_cancel_kills_the_whole_process_tree(tmp_path):
-    script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-              "print('child', child.pid, flush=True)\n"
-              "time.sleep(120)\n")
-    process = BackgroundProcess(python_command() + ["-c", script]).start()
-    deadline = time.monotonic() + 60
-    while not any(line.startswith("child ") for line in process.lines):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    child = int(process.lines[0].split()[1])
-    assert alive(process.pid) and alive(child)
-    process.cancel()
-    assert not process.running and process.returncode is not None and process.returncode != 0
-    assert not alive(process.pid) and not alive(child)
-
-
-def test_harmonize_command_reports_progress_and_cancelled_mid_run_leaves_nothing(models, tmp_path):
-    write_volume(_oblique_scan(slices=4), tmp_path / "scan.nrrd")
-    out = tmp_path / "out"
-    records = []
-
-    def on_output(line):
-        if parse_progress(line):
-            records.append(parse_progress(line))
-
-    process = BackgroundProcess(core_command("harmonize", str(tmp_path / "scan.nrrd"), "--model", str(models / "gan"),
-                                             "--out", str(out / "h.nrrd"), "--gradcam", str(out / "cam.nrrd"),
-                                             "--device", "cpu", "--progress-json"), on_output=on_output).start()
-    deadline = time.monotonic() + 300
-    while not any(r["stage"] == "gradcam" for r in records):  # slices done, Grad-CAM maps running
-        assert process.poll() is None, process.lines
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert records[0] == {"task": "harmonize", "stage": "harmonize", "done": 4, "total": 4, "fraction": 1.0}
-    process.cancel()  # SIGTERM: the core removes what it staged; renames into place are never cut in half
-    assert process.returncode != 0 or any(line.startswith("wrote") for line in process.lines), process.lines
-    assert not alive(process.pid)
-    left = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
-    complete = sorted(["scan.nrrd", "h.nrrd", "cam.nrrd", "cam_input.nrrd", "cam_windows.json"])
-    assert left in (["scan.nrrd"], complete), left  # nothing, or (cancel during the final renames) everything
-
-
-def test_train_command_reports_each_epoch(tmp_path, models):
-    lines = []
-    process = BackgroundProcess(core_command("train", "--pairs", str(models / "pairs"), "--out", str(tmp_path / "m"),
-                                             "--epochs", "2", "--steps-per-epoch", "1", "--batch", "2", "--crop", "32",
-                                             "--vgg-weights", "random", "--val-slices", "1", "--device", "cpu",
-                                             "--progress-json"), on_output=lines.append).start()
-    assert process.wait(600) == 0, lines[-5:]
-    records = [parse_progress(line) for line in lines if parse_progress(line)]
-    assert [(r["task"], r["stage"], r["done"], r["total"]) for r in records] == [("train", "epoch", 1, 2), ("train", "epoch", 2, 2)]
-    log = [json.loads(line) for line in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
-    epochs = [e for e in log if e["event"] == "epoch"]
-    assert [r["val_psnr_db"] for r in records] == [e["val_psnr_db"] for e in epochs]  # the same figures as the log
-    assert records[1]["window"] == epochs[1]["window"] and "loss_g" in records[0]
-
-
 # ------------------------------------------------------------------------------------------ harmonization job
 
 
@@ -180,8 +99,9 @@ def test_harmonize_job_wait_returns_nodes_with_the_input_geometry(models):
     before = slicer.util.arrayFromVolume(node).copy()
     lines = []
     job = HarmonizeJob(scene, node, models / "gan", device="cpu", th_fail=0.4, on_output=lines.append)
-    result = job.wait(300)
-    assert job.status == "completed" and job.progress == 1.0 and not job.workdir.exists()
+    assert job.wait(300) is JobStatus.COMPLETED and job.status == "completed" and job.exit_code == ExitCode.OK
+    result = job.result
+    assert job.progress == 1.0 and not job.workdir.exists()
     output, cam, windows = result
     assert output.GetName() == "scan_harmonized" and output.GetAttribute("RadiomicGAN.HarmonizedTo") == "B50"
     np.testing.assert_allclose(_matrix(output), _matrix(node), atol=1e-9)  # IJK-to-RAS kept
@@ -212,7 +132,9 @@ def test_harmonize_job_into_a_chosen_output_node(models):
     node = add_volume_node(scene, _oblique_scan(), "scan")
     target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
-    output, cam, windows = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=target).wait(300)
+    job = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=target)
+    assert job.wait(300) is JobStatus.COMPLETED
+    output, cam, windows = job.result
     assert output is target and cam is None and windows is None
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count  # no Grad-CAM for a filter model
     np.testing.assert_allclose(_matrix(target), _matrix(node), atol=1e-9)
@@ -238,7 +160,9 @@ def test_harmonize_job_result_of_a_transformed_input_shows_where_the_input_shows
     before = _matrix(node)
     chosen = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "chosen")
     for output_node in (None, chosen):
-        output, _, _ = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=output_node).wait(300)
+        job = HarmonizeJob(scene, node, models / "filter", device="cpu", output_node=output_node)
+        assert job.wait(300) == "completed"
+        output, _, _ = job.result
         assert output.GetTransformNodeID() == transform.GetID()
         np.testing.assert_allclose(ijk_to_world(output), ijk_to_world(node), atol=1e-9)
         assert not np.allclose(ijk_to_world(node), _matrix(node))  # the transform does move it
@@ -256,9 +180,12 @@ def test_harmonize_job_cancelled_mid_run_adds_nothing(models):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert job.progress == pytest.approx(0.5)
-    job.cancel()
-    assert job.status == "cancelled" and job.poll() == "cancelled" and not job.process.running
-    assert not alive(job.process.pid) and not job.workdir.exists()
+    started = time.monotonic()
+    job.cancel()  # asks and returns at once: the GUI thread never waits
+    assert time.monotonic() - started < 1 and job.poll() is JobStatus.RUNNING or job.status is JobStatus.CANCELLED
+    assert job.wait(60) is JobStatus.CANCELLED and job.poll() == "cancelled" and not job.process.running
+    assert job.exit_code == ExitCode.CANCELLED and not job.killed  # it stopped on the request, staged files removed
+    assert not alive(job.process.pid) and not job.workdir.exists() and job.result is None
     assert scene.GetNumberOfNodes() == count
 
 
@@ -281,74 +208,6 @@ def test_failed_job_reports_the_core_error_and_adds_nothing(models):
     node = add_volume_node(scene, _oblique_scan(), "scan")
     count = scene.GetNumberOfNodes()
     job = HarmonizeJob(scene, node, models / "gan", device="cuda:7")
-    with pytest.raises(RuntimeError) as info:
-        job.wait(300)
-    assert job.status == "failed" and "cuda" in str(info.value).lower() and scene.GetNumberOfNodes() == count
+    assert job.wait(300) is JobStatus.FAILED and job.exit_code == ExitCode.BAD_INPUT
+    assert "cuda" in job.error.lower() and scene.GetNumberOfNodes() == count
     assert not job.workdir.exists()
-
-
-# ------------------------------------------------------------------------------------------ dependencies
-
-
-class FakePyTorchUtilsLogic:
-    """Stands in for PyTorchUtils' installer: records what it was asked to install."""
-
-    def __init__(self, result=object()):
-        self.calls, self.result = [], result
-
-    def installTorch(self, **kwargs):
-        self.calls.append(kwargs)
-        return self.result
-
-
-MISSING = {"radiomicgan_no_such_pkg": "radiomicgan-no-such-pkg>=1"}
-
-
-def test_dependencies_satisfied_here_ask_nothing():
-    asked, torch = [], FakePyTorchUtilsLogic()
-    ok, message = dependencies.ensure_dependencies(asked.append, asked.append, torch, need_radiomics=True)
-    assert ok and message == "" and asked == [] and torch.calls == []
-    assert dependencies.satisfied("numpy", "numpy>=1") and not dependencies.satisfied("numpy", "numpy>=999")
-
-
-def test_dependencies_ask_once_and_install_the_right_requirements(monkeypatch):
-    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")  # this torch is too old
-    asked, pip, torch = [], [], FakePyTorchUtilsLogic()
-    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
-                                                   requirements=MISSING)
-    assert len(asked) == 1 and "torch >=999" in asked[0] and "radiomicgan-no-such-pkg>=1" in asked[0]
-    assert torch.calls == [{"askConfirmation": False, "torchVersionRequirement": ">=999",
-                            "torchvisionVersionRequirement": dependencies.TORCHVISION_REQUIREMENT}]
-    assert pip == [f"radiomicgan-no-such-pkg>=1 numpy=={importlib.metadata.version('numpy')}"]  # numpy kept as it is
-    assert "simpleitk" not in " ".join(pip).lower()
-    assert not ok and "Still missing" in message  # the fakes installed nothing
-
-
-def test_torch_alone_is_asked_by_pytorchutils(monkeypatch):
-    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
-    asked, pip, torch = [], [], FakePyTorchUtilsLogic(result=None)  # the user declines in PyTorchUtils' dialog
-    ok, message = dependencies.ensure_dependencies(asked.append, pip.append, torch)
-    assert not ok and asked == [] and pip == [] and torch.calls[0]["askConfirmation"] is True
-    assert "torch was not installed" in message
-
-
-def test_declined_or_testing_mode_installs_nothing(monkeypatch):
-    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
-    asked, pip, torch = [], [], FakePyTorchUtilsLogic()
-    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) and False, pip.append, torch,
-                                                   requirements=MISSING)
-    assert not ok and len(asked) == 1 and pip == [] and torch.calls == [] and "declined" in message
-    asked.clear()
-    ok, message = dependencies.ensure_dependencies(lambda text: asked.append(text) or True, pip.append, torch,
-                                                   testing=True, requirements=MISSING)
-    assert not ok and asked == [] and pip == [] and torch.calls == [] and "testing mode" in message
-
-
-def test_never_simpleitk_and_no_pytorch_extension(monkeypatch):
-    pip, torch = [], FakePyTorchUtilsLogic()
-    with pytest.raises(ValueError, match="Slicer ships its own"):
-        dependencies.ensure_dependencies(lambda text: True, pip.append, torch, requirements={"SimpleITK": "SimpleITK>=999"})
-    assert pip == [] and torch.calls == []
-    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=999")
-    ok, message = dependencies.ensure_dependencies(lambda text: True, pip.append, None)
-    assert not ok and "PyTorch extension" in message and pip == []

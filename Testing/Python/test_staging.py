@@ -19,7 +19,7 @@ def test_staging_name_is_hidden_unique_per_process_and_keeps_the_suffix(tmp_path
     names = {staging_name(tmp_path / "scan.nii.gz") for _ in range(20)}
     assert len(names) == 20
     for name in names:
-        assert name.parent == tmp_path and name.name.startswith(".scan.nii.gz.partial-") and name.name.endswith(".nii.gz")
+        assert name.parent == tmp_path and name.name.startswith(".scan.nii.gz-partial-") and name.name.endswith(".nii.gz")
         assert f"-{os.getpid()}-" in name.name
     assert image_suffix(staging_name(tmp_path / "series")) == ""  # a DICOM folder stays a folder
 
@@ -83,7 +83,7 @@ def test_sigterm_removes_the_staging(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True, env=env)
     assert process.stdout.readline().strip() == "writing"
-    assert any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir())
+    assert any(p.name.startswith(".out-partial-") for p in tmp_path.iterdir())
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 130
     assert not any(tmp_path.iterdir())

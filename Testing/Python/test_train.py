@@ -278,3 +278,38 @@ def test_adversarial_warmup_trains_the_generator_on_l1_alone():
     assert warm["loss_g"] == pytest.approx(config.lambda_l1 * warm["l1"], rel=1e-6) and warm["loss_d"] > 0
     full = train_step(config, g, d, opt_g, opt_d, x, y, contextlib.nullcontext(), adversarial=True)
     assert full["loss_g"] > config.lambda_l1 * full["l1"] + 0.1  # the adversarial term is back
+
+
+def test_contrast_jitter_is_a_checked_training_option(pairs, tmp_path):
+    with pytest.raises(TrainingError, match="--contrast-jitter"):
+        TrainConfig(contrast_jitter=1.5).check()
+    card = train(pairs, tmp_path / "m", tiny(method="choe", schedule="none", epochs=1, steps_per_epoch=2, contrast_jitter=0.2),
+                 progress=False)
+    assert card.config["contrast_jitter"] == 0.2 and card.training.status == "completed"
+
+
+def test_focus_windows_train_on_the_weighted_l1():
+    """A weight that leaves out half the pixels: the L1 is the mean over the other half, what the step reports."""
+    import contextlib
+
+    from radiomicgan.models import PatchDiscriminator, UNetGenerator
+    from radiomicgan.train import train_step
+
+    torch.manual_seed(0)
+    g, d = UNetGenerator((8, 8, 8, 8)), PatchDiscriminator(8)
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), 0.0), torch.optim.Adam(d.parameters(), 0.0)  # lr 0: g unchanged
+    x, y = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    y[..., 16:] = 5.0  # far off where the weight is 0: counted, it would dominate the L1
+    weight = torch.zeros_like(y)
+    weight[..., :16] = 1.0
+    with torch.no_grad():
+        fake = g(x)
+    record = train_step(TrainConfig(), g, d, opt_g, opt_d, x, y, contextlib.nullcontext(), weight=weight)
+    assert record["l1"] == pytest.approx(float((fake - y)[..., :16].abs().mean()), rel=1e-5)
+    assert record["l1"] < 0.5 * float((fake - y).abs().mean())
+
+
+def test_focus_scaling_trains_dwt(pairs, tmp_path):
+    card = train(pairs, tmp_path / "m", tiny(window_scaling="focus", epochs=2, steps_per_epoch=6), progress=False)
+    assert card.window_scaling == "focus" and card.training.status == "completed"
+    assert _epochs(tmp_path / "m")[0]["windows"][0] == [-1024, -769]  # the curriculum ran

@@ -16,6 +16,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (MRML) is a test requ
 
 from RadiomicGANLib.comparison import ComparisonRun, load_results  # noqa: E402
 from RadiomicGANLib.mrml import add_volume_node, volume_from_node  # noqa: E402
+from RadiomicGANLib.process import ExitCode  # noqa: E402
 from RadiomicGANLib.plots import TRAINING_CHARTS, TrainingLogReader, TrainingPlots, column, load_cam_samples  # noqa: E402
 from RadiomicGANLib.rois import label_layers, roi_box_mask, segment_masks  # noqa: E402
 from RadiomicGANLib.training import TrainingRun, TrainingSettings, write_pairs_from_nodes  # noqa: E402
@@ -422,8 +423,7 @@ def comparison(tmp_path_factory):
                         params=root / "fast.yaml", workers=1, bootstrap=10,
                         on_output=lambda line: (lines.append(line), seen.append((run.stage, run.progress, run.status_text()))))
     run.start()
-    code = run.wait(timeout=600)
-    assert code == 0, "\n".join(lines)
+    assert run.wait(timeout=600) == "completed", "\n".join(lines)
     run.seen = seen
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(reference), before)
     return scene, run, root
@@ -471,8 +471,9 @@ def test_comparison_reports_the_evaluate_progress_lines(comparison):
     assert records.index(features[-1]) == len(records) - 2
     progress = [p for _, p, _ in run.seen]
     assert all(a <= b for a, b in zip(progress, progress[1:])) and 0 < max(progress) < 1
-    assert any(stage == "features" and f"{total} of {total} ROI measurements (3 volumes x 21 ROIs)" in text
-               for stage, _, text in run.seen)
+    assert any(stage == "features" and f"{total} of {total} ROI measurements (3 volumes x 21 ROIs; 1 worker process: "
+               "1 as asked (--workers))" in text for stage, _, text in run.seen)
+    assert features[0]["workers"] == 1 and features[0]["workers_reason"] == "1 as asked (--workers)"
     assert run.progress == 1.0 and run.status_text() == "Comparison completed"
 
 
@@ -522,10 +523,10 @@ def test_cancelled_comparison_leaves_nothing(comparison, tmp_path):
     work = cancelled.work
     assert work.is_dir() and cancelled.running
     nodes = scene.GetNumberOfNodes()
-    cancelled.cancel()
-    assert not cancelled.running and cancelled.process.returncode != 0 and cancelled.poll() != 0
+    cancelled.cancel()  # asks, returns at once
+    assert cancelled.wait(60) == "cancelled" and not cancelled.running and cancelled.process.returncode != 0
     assert not (tmp_path / "report").exists() and not work.exists()
-    assert not list(tmp_path.glob(".report.partial-*")) and cancelled.results is None
+    assert not list(tmp_path.glob(".report*partial*")) and cancelled.results is None
     assert scene.GetNumberOfNodes() == nodes
 
 
@@ -544,7 +545,7 @@ def test_comparison_refuses_a_used_report_folder(comparison, tmp_path):
 @pytest.fixture(scope="module")
 def cancelled_training(tmp_path_factory):
     """A real training through the background process on a phantom pair made from two loaded volumes, cancelled
-    (flag file) once its first epoch is plotted."""
+    (a stop request on its standard input) once its first epoch is plotted."""
     root = tmp_path_factory.mktemp("train")
     scene = slicer.vtkMRMLScene()
     source, target, _ = phantom_pair(size=32, slices=2, seed=3)
@@ -558,12 +559,12 @@ def cancelled_training(tmp_path_factory):
     import time
 
     deadline = time.monotonic() + 400
-    while not epochs and run.poll() is None and time.monotonic() < deadline:
+    while not epochs and run.poll() == "running" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert epochs, "\n".join(lines)
-    run.request_cancel()
-    code = run.wait(timeout=400)
-    return scene, run, root, code, lines
+    run.cancel()
+    status = run.wait(timeout=400)
+    return scene, run, root, status, lines
 
 
 def test_pairs_from_loaded_volumes(cancelled_training):
@@ -585,8 +586,9 @@ def test_cancel_keeps_the_last_complete_epoch(cancelled_training):
 
     from radiomicgan.modelio import load_model
 
-    scene, run, root, code, lines = cancelled_training
-    assert code in (0, 130), "\n".join(lines)  # 130: the core's exit status for a cancelled run
+    scene, run, root, status, lines = cancelled_training
+    assert status == "cancelled" and run.exit_code == ExitCode.CANCELLED and not run.killed, "\n".join(lines)
+    assert run.result is run.plots
     card = json.loads((root / "model" / "model.json").read_text())
     assert card["training"]["status"] == "cancelled"
     assert 1 <= card["training"]["epochs_done"] < 4
@@ -649,7 +651,7 @@ def test_failed_training_leaves_no_folder_and_no_nodes(tmp_path, scene):
     settings = TrainingSettings(epochs=1, steps_per_epoch=1, device="cpu", vgg_weights="random")
     run = TrainingRun(tmp_path / "no-such-pairs", tmp_path / "model", settings, scene=scene).start()
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 4
-    assert run.wait(timeout=300) == 2  # a problem with the input: one line and exit status 2
+    assert run.wait(timeout=300) == "failed" and run.exit_code == ExitCode.BAD_INPUT  # one line, exit status 2
     assert len(run.errors) == 1 and "manifest" in run.errors[0]
     assert not (tmp_path / "model").exists() and run.plots is None
     assert scene.GetNumberOfNodes() == 0
@@ -666,9 +668,8 @@ def test_training_killed_after_the_grace_period_leaves_nothing(tmp_path, scene):
     import time
 
     time.sleep(3.0)  # the trainer is starting or in its first epoch
-    run.request_cancel()
-    code = run.wait(timeout=120)
-    assert code != 0 and run.process.cancelled
+    run.cancel()
+    assert run.wait(timeout=120) == "cancelled" and run.killed and run.exit_code != 0
     import os
 
     with pytest.raises(ProcessLookupError):  # the whole process group is gone
@@ -770,7 +771,7 @@ def test_panel_learning_rate_default_means_the_methods_own(tmp_path):
         settings = TrainingSettings(method=method, schedule="none", lr=0.0, epochs=1, steps_per_epoch=1, batch=1, crop=32,
                                     device="cpu", vgg_weights="random", val_slices=1)
         run = TrainingRun(manifest, tmp_path / method, settings).start()
-        assert run.wait(timeout=300) == 0, run.process.lines[-5:]
+        assert run.wait(timeout=300) == "completed", run.process.lines[-5:]
         assert "--lr" not in run.process.args
         card = json.loads((tmp_path / method / "model.json").read_text())
         assert card["method"] == method and card["config"]["lr"] == expected
@@ -816,3 +817,19 @@ def test_every_bound_widget_has_a_parameter_of_a_connectable_type():
         assert widget_class in allowed, (name, kind, widget_class)
     unbound = set(fields) - set(bound)
     assert unbound == {"device", "candidateVolumes", "roiBoxes"}  # synchronised by the widget itself
+
+
+def test_pairs_from_loaded_volumes_keep_the_vendors_kernel_tags(tmp_path):
+    """Two loaded Toshiba series: the pairs set names FC51 -> FC13 from the nodes' tags; untagged nodes leave
+    the names empty (no placeholder that a scan's tag would later be compared with)."""
+    from radiomicgan.dataset import load_manifest
+
+    scene = slicer.vtkMRMLScene()
+    hu = ramp_volume(1, 16, 16)
+    sharp = CTVolume(hu=hu, spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="FC51"))
+    soft = CTVolume(hu=hu + 1.0, spacing=(0.7, 0.7, 1.0), meta=CTMetadata(kernel="FC13"))
+    tagged = write_pairs_from_nodes(add_volume_node(scene, sharp, "sharp"), add_volume_node(scene, soft, "soft"), tmp_path / "a")
+    assert load_manifest(tagged).kernels == ("FC51", "FC13")
+    bare = [CTVolume(hu=v.hu, spacing=v.spacing) for v in (sharp, soft)]
+    untagged = write_pairs_from_nodes(add_volume_node(scene, bare[0], "s"), add_volume_node(scene, bare[1], "t"), tmp_path / "b")
+    assert load_manifest(untagged).kernels == ("", "")

@@ -133,6 +133,20 @@ def test_window_scaling_stretches_the_window_and_round_trips():
         scale_range(lung, STANDARD_RANGE, "per-slice")
 
 
+def test_focus_windows_weigh_the_loss_and_clip_nothing():
+    """``focus``: the network sees what it sees at inference; the window only picks the pixels the L1 weighs."""
+    from radiomicgan.window import window_weight
+
+    hu = np.array([-1100.0, -1024.0, -900.0, -769.0, -500.0, 0.0, 1500.0])
+    lung = (-1024.0, -769.0)
+    np.testing.assert_allclose(apply_window(hu, lung, STANDARD_RANGE, "focus"), apply_window(hu, STANDARD_RANGE))
+    assert scale_range(lung, STANDARD_RANGE, "focus") == STANDARD_RANGE
+    np.testing.assert_array_equal(window_weight(hu, lung, STANDARD_RANGE, "focus"), [1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(window_weight(hu, (-500.0, 0.0), STANDARD_RANGE, "focus"), [0, 0, 0, 0, 1, 1, 0])
+    assert window_weight(hu, STANDARD_RANGE, STANDARD_RANGE, "focus").all()  # the whole range weighs every pixel
+    assert window_weight(hu, lung, STANDARD_RANGE, "fixed") is None
+
+
 @pytest.mark.parametrize("name", ["dwt", "fixed", "dynamic"])
 def test_consolidation_ends_every_schedule_at_the_inference_window(name):
     schedule = WindowSchedule(name, th_eta=1, epochs=10, consolidate=3)
