@@ -19,34 +19,35 @@ from radiomicgan.jobs import MODEL_FIGURES, gradcam_paths
 
 from .process import Job, JobStatus, core_command
 
-DISCRIMINATOR_METHODS = ("radiomicgan", "pix2pix")  # the others have no discriminator, hence no Grad-CAM
 
 
 # ------------------------------------------------------------------------------------------------ model card
 
 
-def read_model_card(folder) -> dict:
-    """The model's card (model.json) without loading torch; ValueError with a one-line reason otherwise."""
-    from radiomicgan.modelio import CARD_NAME, METHODS, MODEL_FORMAT, WEIGHTS_NAME
+def read_model_card(folder):
+    """The model's card (``radiomicgan.card.ModelCard``) without loading torch; ValueError with a one-line reason
+    otherwise."""
+    from radiomicgan.card import ModelCard
+    from radiomicgan.errors import ModelError
+    from radiomicgan.modelio import WEIGHTS_NAME
 
     if not folder or not str(folder).strip() or not Path(str(folder)).is_dir():
         raise ValueError("select a model folder made by 'radiomicgan train'")
     folder = Path(str(folder))
     try:
-        card = json.loads((folder / CARD_NAME).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{folder}: not a RadiomicGAN model folder (no {CARD_NAME})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{folder / CARD_NAME}: unreadable ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
-        raise ValueError(f"{folder / CARD_NAME}: not a {MODEL_FORMAT} model card")
+        card = ModelCard.read(folder)
+    except ModelError as exc:
+        raise ValueError(str(exc)) from None
     if not (folder / WEIGHTS_NAME).is_file():
         raise ValueError(f"{folder}: no {WEIGHTS_NAME}")
     return card
 
 
-def supports_gradcam(card: dict) -> bool:
-    return card.get("method") in DISCRIMINATOR_METHODS
+def supports_gradcam(card) -> bool:
+    """Only methods with a discriminator have Grad-CAM (``radiomicgan.methods``)."""
+    from radiomicgan.methods import REGISTRY
+
+    return REGISTRY[card.method].discriminator
 
 
 def model_figures(folder) -> list[Path]:
@@ -55,22 +56,21 @@ def model_figures(folder) -> list[Path]:
     return [folder / name for name in MODEL_FIGURES if (folder / name).is_file()]
 
 
-def describe_model(card: dict) -> str:
+def describe_model(card) -> str:
     """The card in a few lines for the panel: kernels, method, window, VGG source, validation figures."""
-    training, validation = card.get("training", {}), card.get("validation", {})
-    window = card.get("final_window")
+    training, validation, window = card.training, card.validation, card.final_window
     lines = [
-        f"{card.get('source_kernel', '?')} -> {card.get('target_kernel', '?')} ({card['method']}"
-        + (f", schedule {card['schedule']}" if card.get("schedule") else "") + ")",
+        f"{card.source_kernel or '?'} -> {card.target_kernel or '?'} ({card.method}"
+        + (f", schedule {card.schedule}" if card.schedule else "") + ")",
         f"Final training window: [{window[0]:.0f}, {window[1]:.0f}] HU" if window else "Final training window: -",
-        f"Encoder: {card.get('architecture', {}).get('vgg_source', 'none (no VGG encoder)')}",
+        f"Encoder: {card.architecture.get('vgg_source', 'none (no VGG encoder)')}",
     ]
-    if "psnr_db" in validation:
-        lines.append(f"Validation PSNR: input {validation.get('input_psnr_db', float('nan')):.2f} dB -> model "
-                     f"{validation['psnr_db']:.2f} dB ({validation.get('slices', '?')} slices)")
-    if training:
-        lines.append(f"Trained {training.get('epochs_done', '-')} of {training.get('epochs', '-')} epochs "
-                     f"({training.get('status', 'completed')}) on {training.get('device', '-')}")
+    if validation is not None:
+        lines.append(f"Validation PSNR: input {validation.input_psnr_db:.2f} dB -> model "
+                     f"{validation.psnr_db:.2f} dB ({validation.slices} slices)")
+    if training is not None:
+        lines.append(f"Trained {training.epochs_done} of {training.epochs} epochs "
+                     f"({training.status or 'completed'}) on {training.device}")
     if not supports_gradcam(card):
         lines.append("No discriminator: no Grad-CAM for this model")
     return "\n".join(lines)
@@ -130,7 +130,7 @@ class HarmonizeJob(Job):
         if gradcam is None:
             gradcam = supports_gradcam(card)
         if gradcam and not supports_gradcam(card):
-            raise ValueError(f"method '{card['method']}' has no discriminator: no Grad-CAM; harmonize without it")
+            raise ValueError(f"method '{card.method}' has no discriminator: no Grad-CAM; harmonize without it")
         if output_node is not None and input_node is not None and output_node.GetID() == input_node.GetID():
             raise ValueError("the output volume must not be the input volume (inputs are never modified)")
         volume = volume_from_node(input_node, kernel)  # raises for an empty or non-scalar node
@@ -191,7 +191,7 @@ class HarmonizeJob(Job):
                 output.CreateDefaultDisplayNodes()
         else:
             output = add_volume_node(self.scene, volume, name)
-        output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.get("target_kernel", "")))
+        output.SetAttribute("RadiomicGAN.HarmonizedTo", str(self.card.target_kernel))
         output.SetAttribute("RadiomicGAN.Model", str(self.model_dir))
         place_like(output, self.input_node)  # a transformed input's result shows where the input shows
         result = HarmonizeResult(volume=output, windows=windows, warnings=list(self.warnings))

@@ -7,7 +7,6 @@ tree killed (still safe: the trainer replaces its files atomically). No qt; the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from radiomicgan.jobs import CAM_SAMPLES, PROGRESS_OPTION, ExitCode
@@ -17,35 +16,51 @@ from .process import Job, JobStatus, core_command
 CANCEL_GRACE_S = 60.0
 
 
-@dataclass
 class TrainingSettings:
-    """The panel's choices; ``None`` leaves the core's default."""
+    """The panel's choices for ``radiomicgan train``, by the core's setting names (``radiomicgan.settings``);
+    a setting left out or None keeps the core's default, a learning rate of 0 the method's own."""
 
-    method: str = "radiomicgan"
-    schedule: str | None = None  # dwt for radiomicgan, none otherwise
-    epochs: int = 30
-    steps_per_epoch: int = 100
-    th_acc: float = 0.5
-    th_eta: int = 2
-    growing_share: float | None = None  # fixed growing's share of the steps; None: the core's default
-    th_fail: float = 0.5
-    lr: float | None = None  # None or 0 (the panel's "method default"): the core's per-method default (2e-4 RadiomicGAN, 1e-4 Choe)
-    batch: int = 4
-    device: str = "auto"
-    crop: int | None = None
-    vgg_weights: str | None = None  # imagenet (default), a weights file, or random
-    val_slices: int | None = None
-    extra_args: list = field(default_factory=list)
+    def __init__(self, extra_args=(), **values):
+        from radiomicgan.settings import to_arguments
+
+        to_arguments(values)  # an unknown name or a value out of range fails here, not in the background process
+        self.values = values
+        self.extra_args = list(extra_args)
 
     def arguments(self) -> list[str]:
-        args = ["--method", self.method, "--epochs", str(self.epochs), "--steps-per-epoch", str(self.steps_per_epoch),
-                "--th-acc", repr(float(self.th_acc)), "--th-eta", str(self.th_eta), "--th-fail", repr(float(self.th_fail)),
-                "--batch", str(self.batch), "--device", self.device or "auto"]
-        for flag, value in (("--lr", self.lr or None), ("--growing-share", self.growing_share), ("--schedule", self.schedule), ("--crop", self.crop), ("--vgg-weights", self.vgg_weights),
-                            ("--val-slices", self.val_slices)):
-            if value not in (None, ""):
-                args += [flag, str(value)]
-        return args + [str(a) for a in self.extra_args]
+        from radiomicgan.settings import to_arguments
+
+        return to_arguments(self.values) + [str(a) for a in self.extra_args]
+
+
+def panel_parameters() -> list[tuple[str, type, object, tuple]]:
+    """The Train panel's training fields: (parameter name, type, default, choices or (minimum, maximum)), one for
+    each setting marked ``panel`` in ``radiomicgan.settings``, so the panel cannot drift from the core."""
+    from radiomicgan.settings import PANEL_SETTINGS
+
+    fields = []
+    for s in PANEL_SETTINGS:
+        if s.choices:
+            bounds = tuple(s.choices)
+        elif s.kind in (int, float):
+            bounds = (s.minimum if s.minimum is not None else 0, s.maximum if s.maximum is not None else s.panel_maximum)
+        else:
+            bounds = ()
+        default = s.default if s.default is not None else (0.0 if s.kind is float else s.choices[0] if s.choices else "")
+        fields.append((s.panel, s.kind, default, bounds))
+    return fields
+
+
+def settings_from_slicer_names(**values) -> dict:
+    """Settings by their Slicer-side names (the panel's, else camelCase: ``stepsPerEpoch``, ``vggWeights``) as the
+    core's names (``steps_per_epoch``)."""
+    from radiomicgan.settings import SETTINGS, camel
+
+    by_slicer_name = {s.panel or camel(s.name): s.name for s in SETTINGS}
+    unknown = set(values) - set(by_slicer_name)
+    if unknown:
+        raise TypeError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    return {by_slicer_name[k]: v for k, v in values.items()}
 
 
 def write_pairs_from_nodes(source_node, target_node, folder, source_kernel: str | None = None,

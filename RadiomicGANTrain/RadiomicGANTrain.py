@@ -32,8 +32,6 @@ _SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if (_SOURCE_ROOT / "RadiomicGANLib").is_dir() and str(_SOURCE_ROOT) not in sys.path:
     sys.path.append(str(_SOURCE_ROOT))
 
-METHODS = ["radiomicgan", "choe", "pix2pix", "filter", "histmatch"]
-SCHEDULES = ["dwt", "fixed", "dynamic", "none"]
 PLOTS = {"losses": "Losses per epoch", "psnr": "Validation PSNR", "window": "Training window (Fig. 5a)",
          "steps": "Losses per step"}
 POLL_MS = 500
@@ -55,24 +53,28 @@ class RadiomicGANTrain(ScriptedLoadableModule):
         self.parent.acknowledgementText = "Method: M. Selim et al., CT Image Harmonization for Enhancing Radiomics Studies."
 
 
-@parameterNodeWrapper
+def _withTrainingSettings(cls):
+    """Adds the training settings to the panel's parameters, from the core's one list (``radiomicgan.settings``,
+    via ``RadiomicGANLib.training.panel_parameters``): names, types, defaults, ranges and choices."""
+    from RadiomicGANLib.training import panel_parameters
+
+    for name, kind, default, bounds in panel_parameters():
+        if kind is str and bounds:
+            cls.__annotations__[name] = Annotated[str, Choice(list(bounds))]
+        elif kind in (int, float):
+            cls.__annotations__[name] = Annotated[kind, WithinRange(*bounds)]
+        else:
+            cls.__annotations__[name] = kind  # the device: its list depends on the computer, kept in sync by the widget
+        setattr(cls, name, default)
+    return cls
+
+
 class RadiomicGANTrainParameterNode:
-    # training
+    # training: the pairs and the model folder here; the settings (method, epochs, th_acc, ...) added by _withTrainingSettings
     useLoadedVolumes: bool = False
     pairsManifest: pathlib.Path
     sourceVolume: vtkMRMLScalarVolumeNode
     targetVolume: vtkMRMLScalarVolumeNode
-    method: Annotated[str, Choice(METHODS)] = "radiomicgan"
-    schedule: Annotated[str, Choice(SCHEDULES)] = "dwt"
-    epochs: Annotated[int, WithinRange(1, 1000)] = 30
-    stepsPerEpoch: Annotated[int, WithinRange(1, 100000)] = 100
-    thAcc: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    thEta: Annotated[int, WithinRange(1, 100)] = 2
-    growingShare: Annotated[float, WithinRange(0.0, 1.0)] = 0.25  # the core's default (measured; README)
-    thFail: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    learningRate: Annotated[float, WithinRange(0.0, 0.1)] = 0.0  # 0: the method's default (2e-4 RadiomicGAN, 1e-4 Choe)
-    batch: Annotated[int, WithinRange(1, 256)] = 4
-    device: str = "auto"  # the device list depends on the computer: kept in sync by the widget
     modelFolder: pathlib.Path
     # comparison
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -82,6 +84,16 @@ class RadiomicGANTrainParameterNode:
     labelMap: vtkMRMLLabelMapVolumeNode
     perRange: Annotated[int, WithinRange(3, 1000)] = 20
     reportFolder: pathlib.Path
+
+
+RadiomicGANTrainParameterNode = parameterNodeWrapper(_withTrainingSettings(RadiomicGANTrainParameterNode))
+
+
+def _method(name):
+    """What a method needs (``radiomicgan.methods``): the schedule box is only for methods trained with windows."""
+    from radiomicgan.methods import REGISTRY
+
+    return REGISTRY[name]
 
 
 def _ensureDependencies(needRadiomics=False):
@@ -245,7 +257,7 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startButton.enabled = bool(pairsReady and folderReady and not training)
         self.ui.resumeButton.enabled = bool(pairsReady and folderReady and not training)
         self.ui.cancelTrainingButton.enabled = training
-        self.ui.scheduleComboBox.enabled = p.method == "radiomicgan"
+        self.ui.scheduleComboBox.enabled = _method(p.method).windows
         comparing = self.comparison is not None and self.comparison.running
         candidates = [n for n in p.candidateVolumes if n and n != p.referenceVolume]
         self.ui.compareButton.enabled = bool(p.referenceVolume and candidates and str(p.reportFolder) not in ("", ".")
@@ -258,13 +270,15 @@ class RadiomicGANTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the training.", waitCursor=True):
             _ensureDependencies()
             p = self._parameterNode
-            schedule = p.schedule if p.method == "radiomicgan" else "none"
+            from RadiomicGANLib.training import panel_parameters
+
+            settings = {name: getattr(p, name) for name, *_ in panel_parameters()}  # every training field of the panel
+            if not _method(p.method).windows:
+                settings["schedule"] = None  # the method's own (none)
             self.training = self.logic.train(
                 pairs=None if p.useLoadedVolumes else p.pairsManifest, modelFolder=p.modelFolder,
                 sourceNode=p.sourceVolume if p.useLoadedVolumes else None, targetNode=p.targetVolume if p.useLoadedVolumes else None,
-                method=p.method, schedule=schedule, epochs=p.epochs, stepsPerEpoch=p.stepsPerEpoch, thAcc=p.thAcc,
-                thEta=p.thEta, growingShare=p.growingShare, thFail=p.thFail, learningRate=p.learningRate or None, batch=p.batch, device=p.device, resume=resume,
-                waitForCompletion=False)
+                resume=resume, waitForCompletion=False, **settings)
             self.ui.trainingProgressBar.maximum = p.epochs
             self.ui.trainingProgressBar.value = 0
             self.ui.camImageLabel.clear()
@@ -458,17 +472,17 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         return RadiomicGANTrainParameterNode(super().getParameterNode())
 
     def train(self, pairs=None, modelFolder=None, *, sourceNode=None, targetNode=None, sourceKernel=None, targetKernel=None,
-              method="radiomicgan", schedule=None, epochs=30, stepsPerEpoch=100, thAcc=0.5, thEta=2, thFail=0.5,
-              growingShare=None, learningRate=None, batch=4, device="auto", crop=None, vggWeights=None, valSlices=None, resume=False,
-              waitForCompletion=True, timeout=None, scene=None, onOutput=None):
+              resume=False, waitForCompletion=True, timeout=None, scene=None, onOutput=None, **settings):
         """Train from a pairs manifest, or from two loaded volumes of one scan (written to a temporary pairs set).
-        ``learningRate`` None (or 0): the method's default (2e-4 RadiomicGAN and pix2pix, 1e-4 Choe).
+        ``settings``: any training setting of the core (``radiomicgan.settings``) by its panel or camelCase name
+        (``method``, ``epochs``, ``stepsPerEpoch``, ``thAcc``, ``learningRate``, ``crop``, ``vggWeights``, ...); one
+        left out keeps the core's default; ``learningRate`` None (or 0): the method's (2e-4 RadiomicGAN, 1e-4 Choe).
 
         ``waitForCompletion=True``: blocks and returns the ``TrainingPlots`` (table and chart nodes of the log;
         ``.status`` says completed or cancelled); raises RuntimeError when the training failed.
         ``False``: returns the running ``TrainingRun`` (``poll()``, ``cancel()``, ``wait()``, ``.plots``)."""
         from RadiomicGANLib.process import JobStatus
-        from RadiomicGANLib.training import TrainingRun, TrainingSettings, write_pairs_from_nodes
+        from RadiomicGANLib.training import TrainingRun, TrainingSettings, settings_from_slicer_names, write_pairs_from_nodes
 
         if modelFolder in (None, "") or str(modelFolder) == ".":
             raise ValueError("choose an output model folder")
@@ -477,10 +491,8 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
                 raise ValueError("give a pairs manifest, or a non-standard and a standard kernel volume")
             work = tempfile.mkdtemp(prefix="RadiomicGAN-pairs-", dir=slicer.app.temporaryPath)
             pairs = write_pairs_from_nodes(sourceNode, targetNode, work, sourceKernel, targetKernel)
-        settings = TrainingSettings(method=method, schedule=schedule, epochs=epochs, steps_per_epoch=stepsPerEpoch, th_acc=thAcc,
-                                    th_eta=thEta, growing_share=growingShare, th_fail=thFail, lr=learningRate, batch=batch, device=device, crop=crop,
-                                    vgg_weights=vggWeights, val_slices=valSlices)
-        run = TrainingRun(pairs, modelFolder, settings, resume=resume, scene=scene or slicer.mrmlScene, on_output=onOutput).start()
+        training = TrainingSettings(**settings_from_slicer_names(**settings))
+        run = TrainingRun(pairs, modelFolder, training, resume=resume, scene=scene or slicer.mrmlScene, on_output=onOutput).start()
         if not waitForCompletion:
             return run
         if run.wait(timeout=timeout) is JobStatus.FAILED:  # cancelled: the last complete epoch kept

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from radiomicgan.harmonize import Harmonizer
-from radiomicgan.modelio import LoadedModel
+from radiomicgan.modelio import LoadedModel, ModelCard
 from radiomicgan.models import RadiomicGANGenerator, pad_to_multiple
 from radiomicgan.window import STANDARD_RANGE, carry_weight, from_unit, to_unit
 
@@ -32,7 +32,7 @@ def model() -> LoadedModel:
     torch.manual_seed(0)
     generator = RadiomicGANGenerator("random")  # the architecture's cost; weights do not matter here
     torch.nn.init.normal_(generator.head.conv.weight, 0.0, 0.01)
-    return LoadedModel(card={"method": "radiomicgan", "hu_range": list(STANDARD_RANGE)}, generator=generator.eval())
+    return LoadedModel(card=ModelCard("radiomicgan", "B30", "B50", STANDARD_RANGE), generator=generator.eval())
 
 
 def plain_loop(loaded: LoadedModel, hu: np.ndarray, device: str) -> np.ndarray:

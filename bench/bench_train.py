@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from radiomicgan.models import PatchDiscriminator, RadiomicGANGenerator
 from radiomicgan.train import TrainConfig, train_step
@@ -60,14 +59,14 @@ def run(device: str, batch: int, steps: int, size: int, optimised: bool, compile
     config = TrainConfig()
     started = time.perf_counter()
     for _ in range(2):  # warm-up (and compilation)
-        train_step(config, g, d, opt_g, opt_d, x, y, autocast, F)
+        train_step(config, g, d, opt_g, opt_d, x, y, autocast)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     warm = time.perf_counter() - started
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(config, g, d, opt_g, opt_d, x, y, autocast, F)
+        train_step(config, g, d, opt_g, opt_d, x, y, autocast)
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -75,7 +74,7 @@ def run(device: str, batch: int, steps: int, size: int, optimised: bool, compile
     if profile is not None and cuda:
         from profiling import profile_summary
 
-        profile.write_text(profile_summary(lambda: train_step(config, g, d, opt_g, opt_d, x, y, autocast, F),
+        profile.write_text(profile_summary(lambda: train_step(config, g, d, opt_g, opt_d, x, y, autocast),
                                            f"== b) one training step of G and D, batch {batch}, {size}x{size}, "
                                            f"{'bf16 + channels_last' if optimised else 'fp32'}{', fused Adam' if fused else ''}, "
                                            f"{encoder} VGG encoder, {torch.cuda.get_device_name()}"))

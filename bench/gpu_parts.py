@@ -36,7 +36,7 @@ def _random_model(discriminator: bool = True):
     """RadiomicGAN-shaped generator and PatchGAN with random weights (the cost does not depend on them)."""
     import torch
 
-    from radiomicgan.modelio import LoadedModel
+    from radiomicgan.modelio import LoadedModel, ModelCard
     from radiomicgan.models import PatchDiscriminator, RadiomicGANGenerator
     from radiomicgan.window import STANDARD_RANGE
 
@@ -44,7 +44,7 @@ def _random_model(discriminator: bool = True):
     generator = RadiomicGANGenerator("random")
     torch.nn.init.normal_(generator.head.conv.weight, 0.0, 0.01)
     d = PatchDiscriminator().eval() if discriminator else None
-    return LoadedModel(card={"method": "radiomicgan", "hu_range": list(STANDARD_RANGE)}, generator=generator.eval(), discriminator=d)
+    return LoadedModel(card=ModelCard("radiomicgan", "B30", "B50", STANDARD_RANGE), generator=generator.eval(), discriminator=d)
 
 
 def _sync(device: str) -> None:
@@ -207,7 +207,7 @@ def ddp(args) -> None:
     the same seed: the weights must agree to within a small part of what the epoch changed them by."""
     import torch
 
-    from radiomicgan.modelio import build_networks
+    from radiomicgan.modelio import ModelCard, build_networks
 
     device, name = _torch_device(args.device)
     cuda = device.startswith("cuda")
@@ -231,11 +231,11 @@ def ddp(args) -> None:
     record["epochs_completed"] = sum(e["event"] == "epoch" for e in events)
     record["ddp_sync_logged"] = any(e["event"] == "ddp_sync" for e in events)  # only written when DDP was active
     record["status"] = next((e["status"] for e in events if e["event"] == "end"), None)
-    card = json.loads((work / "ddp" / "model.json").read_text())
-    record["world_size"] = card["training"].get("world_size")
+    card = ModelCard.read(work / "ddp")
+    record["world_size"] = card.training.world_size
     plain, parallel = _trainable(work / "plain"), _trainable(work / "ddp")
     torch.manual_seed(0)  # the plain run's initial weights, as training builds them
-    g, d = build_networks({**card, "architecture": {**card["architecture"], "vgg_weights": "random"}})
+    g, d = build_networks(card.method, {**card.architecture, "vgg_weights": "random"})
     initial = {**{f"generator.{k}": v.double() for k, v in g.state_dict().items()},
                **{f"discriminator.{k}": v.double() for k, v in d.state_dict().items()}}
     moved = sum(float((plain[k] - initial[k]).norm() ** 2) for k in plain) ** 0.5

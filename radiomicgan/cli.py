@@ -119,34 +119,10 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _adam_beta(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"'{text}': must be at least 0 and below 1")
-    return value
-
-
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"'{text}': expected auto, cpu, cuda or cuda:N")
     return text
-
-
-class _HURange(argparse.Action):
-    """--hu-range LO HI with LO < HI."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        lo, hi = values
-        if not lo < hi:
-            parser.error(f"argument {option_string}: LO {lo:g} must be below HI {hi:g}")
-        setattr(namespace, self.dest, [lo, hi])
-
-
-def _consolidation(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"'{text}': must be a fraction in [0, 1)")
-    return value
 
 
 def cmd_simulate(args) -> int:
@@ -258,21 +234,11 @@ def cmd_calibrate(args) -> int:
 
 def cmd_train(args) -> int:
     from .io import check_writable
-    from .train import TrainConfig, train
+    from .settings import from_arguments
+    from .train import train
 
-    if args.schedule not in (None, "none") and args.method in ("filter", "histmatch"):
-        raise RadiomicGANError(f"--schedule {args.schedule}: method {args.method} is fitted in closed form and has no "
-                               "training windows; leave --schedule out (or give none)")
+    config = from_arguments(args).check()  # what the method needs, before any path is touched
     check_writable(args.out)
-    config = TrainConfig(
-        method=args.method, schedule=args.schedule or ("dwt" if args.method == "radiomicgan" else "none"),
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, crop=args.crop, lr=args.lr,
-        beta1=args.beta1, lambda_l1=args.lambda_l1, th_acc=args.th_acc, th_eta=args.th_eta, th_fail=args.th_fail,
-        cam_subset=args.cam_subset, window_step=args.window_step, hu_range=tuple(args.hu_range),
-        vgg_weights=args.vgg_weights, finetune_vgg=args.finetune_vgg, device=args.device, seed=args.seed,
-        val_slices=args.val_slices, window_scaling=args.window_scaling, consolidate=args.consolidate, growing_share=args.growing_share,
-        lr_decay=args.lr_decay, adversarial_warmup=args.adversarial_warmup,
-    )
     emit = _progress_lines(args.progress_json, "train")
 
     def on_epoch(record: dict) -> None:
@@ -281,15 +247,15 @@ def cmd_train(args) -> int:
     card = train(args.pairs, args.out, config, resume=args.resume, cancel_file=Path(args.cancel_file) if args.cancel_file else None,
                  on_epoch=on_epoch)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        v = card.get("validation", {})
-        status = card.get("training", {}).get("status", "completed")
+        v = card.validation
+        status = card.training.status or "completed"
         if status == "cancelled":
-            done = card.get("training", {}).get("epochs_done", 0)
+            done = card.training.epochs_done
             kept = f"{args.out} keeps epoch {done} (continue with --resume)" if done else "no epoch completed; nothing kept"
             print(f"radiomicgan: cancelled: {kept}", file=sys.stderr)
             return EXIT_CANCELLED
-        print(f"{status}: {args.out} ({card['method']}); validation PSNR input {v.get('input_psnr_db', float('nan')):.2f} dB "
-              f"-> model {v.get('psnr_db', float('nan')):.2f} dB")
+        print(f"{status}: {args.out} ({card.method}); validation PSNR input {v.input_psnr_db if v else float('nan'):.2f} dB "
+              f"-> model {v.psnr_db if v else float('nan'):.2f} dB")
     return 0
 
 
@@ -312,7 +278,7 @@ def cmd_harmonize(args) -> int:
         result = harmonize_file(args.input, harmonizer, args.out, gradcam_output=args.gradcam, series_uid=args.series,
                                 overwrite=args.overwrite, th_fail=args.th_fail, progress=progress)
     slices = result.volume.shape[0]
-    print(f"wrote {args.out}: {slices} slices harmonized to {harmonizer.model.card.get('target_kernel')} in "
+    print(f"wrote {args.out}: {slices} slices harmonized to {harmonizer.model.card.target_kernel} in "
           f"{result.seconds:.1f} s on {result.device} (batch {result.batch})")
     if result.windows:
         for name in ("input", "harmonized"):
@@ -441,8 +407,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
-    from .window import WINDOW_SCALINGS
+    from .settings import add_arguments
 
     parser = _Parser(prog="radiomicgan", description="CT kernel harmonization for reproducible radiomics.")
     parser.add_argument("--version", action="version", version=f"radiomicgan {__version__}")
@@ -484,46 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train RadiomicGAN (DWT) or a baseline on paired data")
     tr.add_argument("--pairs", required=True, help="a pairs manifest.json or the folder holding it")
     tr.add_argument("--out", required=True, help="model folder (new or empty; with --resume, the run to continue)")
-    tr.add_argument("--method", default="radiomicgan", choices=["radiomicgan", "choe", "pix2pix", "filter", "histmatch"])
-    tr.add_argument("--schedule", choices=["dwt", "fixed", "dynamic", "none"],
-                    help="windows: dwt (RadiomicGAN), fixed (RadiomicGAN-1), dynamic (RadiomicGAN-2), none; default dwt for radiomicgan, none otherwise")
-    tr.add_argument("--epochs", type=_at_least(1), default=30, help="maximum epochs (paper: 30)")
-    tr.add_argument("--steps-per-epoch", type=_at_least(1), default=100)
-    tr.add_argument("--batch", type=_at_least(1), default=4)
-    tr.add_argument("--crop", type=_at_least(8), default=128, help="training crop size in pixels")
-    tr.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: 2e-4 for radiomicgan and pix2pix, measured; 1e-4 for choe, as published)")
-    tr.add_argument("--beta1", type=_adam_beta, default=0.5, help="Adam beta1, the paper's momentum (0.5)")
-    tr.add_argument("--lambda-l1", type=_non_negative_float, default=100.0, help="weight of L1 against the adversarial loss")
-    tr.add_argument("--th-acc", type=_fraction, default=0.5, help="fixed growing: widen when generator accuracy exceeds this")
-    tr.add_argument("--th-eta", type=_at_least(1), default=2, help="fixed growing: widen after this many epochs in a window")
-    tr.add_argument("--th-fail", type=_fraction, default=0.5, help="dynamic selection: CAM value that marks a hot spot")
-    tr.add_argument("--cam-subset", type=_at_least(1), default=8, help="dynamic selection: slices in the random subset P")
-    tr.add_argument("--window-step", type=_positive_float, default=256.0, help="fixed growing step in HU")
-    tr.add_argument("--hu-range", type=_finite_float, nargs=2, action=_HURange, default=[-1024.0, 1000.0], metavar=("LO", "HI"),
-                    help="standardization range harmonized at inference")
-    tr.add_argument("--vgg-weights", default="imagenet",
-                    help="encoder weights: imagenet (torchvision download/cache), a weights file, or random")
-    encoder = tr.add_mutually_exclusive_group()
-    encoder.add_argument("--finetune-vgg", dest="finetune_vgg", action="store_true", default=None,
-                         help="train the VGG layers (the default for random weights)")
-    encoder.add_argument("--freeze-vgg", dest="finetune_vgg", action="store_false",
-                         help="keep the VGG layers frozen (the default for pretrained weights, as in the paper)")
-    defaults = TrainConfig()
-    tr.add_argument("--window-scaling", choices=WINDOW_SCALINGS, default=defaults.window_scaling,
-                    help="scale each window to [-1, 1] over the window itself (paper) or over --hu-range "
-                         f"(default {defaults.window_scaling}, chosen by measurement: see README)")
-    tr.add_argument("--growing-share", type=_fraction, default=defaults.growing_share,
-                    help="fixed growing: most of the run's steps it may take; a window widens after its part of them, within "
-                         f"an epoch if need be (default {defaults.growing_share}, measured: see README; 0: paced by --th-eta epochs only)")
-    tr.add_argument("--consolidate", type=_consolidation, default=defaults.consolidate,
-                    help=f"fraction of the epochs that end training at the inference window (default {defaults.consolidate})")
-    tr.add_argument("--no-lr-decay", dest="lr_decay", action="store_false",
-                    help="keep the learning rate constant (default: pix2pix's linear decay over the second half)")
-    tr.add_argument("--adversarial-warmup", type=_at_least(0), default=defaults.adversarial_warmup,
-                    help=f"first steps trained on L1 alone (default {defaults.adversarial_warmup})")
-    tr.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--val-slices", type=_at_least(1), default=8, help="validation slices measured after each epoch")
+    add_arguments(tr)  # every training setting, from radiomicgan.settings
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--cancel-file", help="stop at the next step when this file appears (default: OUT/CANCEL)")
     tr.add_argument(PROGRESS_OPTION, action="store_true",
@@ -621,28 +547,22 @@ STOP_HELP = ("stop as on Ctrl-C when a line 'stop' arrives on standard input or 
              "one in the background, on every platform; train then keeps its last complete epoch)")
 
 
-def _terminated(signum, frame):
-    """SIGTERM (a program cancelling this one, e.g. the Slicer modules) takes Ctrl-C's path, so every staged file
-    is removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
     import threading
+
+    from .staging import sigterm_as_interrupt
 
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest: f"{WARNING_PREFIX}{message}\n"
-    main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM")
-    previous_term = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
-    if main_thread and getattr(args, "stop_on_stdin", False):
+    if threading.current_thread() is threading.main_thread() and getattr(args, "stop_on_stdin", False):
         from .jobs import watch_stdin_for_stop
 
         watch_stdin_for_stop()
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # a cancel by SIGTERM removes every staging, as Ctrl-C does
+            return args.func(args)
     except RadiomicGANError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -655,8 +575,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     finally:
         warnings.formatwarning = previous_format
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

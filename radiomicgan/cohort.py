@@ -565,8 +565,8 @@ def process_scan(scan: Scan, settings: Settings, hashes: dict) -> dict:
             if scan.status == "todo":
                 hu = harmonizer.harmonize(volume.hu, volume.spacing[:2])
                 card = harmonizer.model.card
-                result = volume.with_hu(hu, kernel=card.get("target_kernel", volume.meta.kernel),
-                                        series_description=f"{volume.meta.series_description or 'CT'} harmonized to {card.get('target_kernel')}"[:64])
+                result = volume.with_hu(hu, kernel=card.target_kernel or volume.meta.kernel,
+                                        series_description=f"{volume.meta.series_description or 'CT'} harmonized to {card.target_kernel}"[:64])
                 row.update(qa_measures(volume, hu))
                 if harmonizer.model.discriminator is not None:
                     _, cam_in = harmonizer.gradcam(volume.hu, volume.hu, settings.th_fail)
@@ -582,7 +582,7 @@ def process_scan(scan: Scan, settings: Settings, hashes: dict) -> dict:
                 write_volume(result, target, overwrite=True, description=result.meta.series_description,
                              derivation=derivation_text(volume, card))
                 row["output"] = target.relative_to(out).as_posix()
-                row["kernel_after"] = card.get("target_kernel", "")
+                row["kernel_after"] = card.target_kernel
             else:
                 result = volume
             if settings.rois != "none":
@@ -732,7 +732,7 @@ def run_cohort(input_path, model, out, *, device: str = "auto", batch: int | Non
     loaded = load_model(model)  # refuses a bad model folder before any work
     card = loaded.card
     # read-only checks before anything is written (the lock file is the first thing)
-    scans = discover(input_path, card.get("source_kernel"), card.get("target_kernel"), min_slices)
+    scans = discover(input_path, card.source_kernel, card.target_kernel, min_slices)
     for folder in sorted({s.source for s in scans if s.kind == "dicom" and Path(s.source).is_dir()}):
         check_output_path(out, [folder])  # a CSV may list folders that hold the output: never write among inputs
     if rois == "labels" and not any(s.roi for s in scans):
@@ -873,8 +873,8 @@ def finalize(out: Path, scans: list[Scan], model, card: dict, *, combat_train_fr
     summary = {
         "format": "radiomicgan-cohort-1",
         "radiomicgan": __version__,
-        "model": {"folder": str(model), "method": card.get("method"), "source_kernel": card.get("source_kernel"),
-                  "target_kernel": card.get("target_kernel")},
+        "model": {"folder": str(model), "method": card.method, "source_kernel": card.source_kernel,
+                  "target_kernel": card.target_kernel},
         "counts": counts,
         "qa_bounds": QA_BOUNDS,
         "exit_status": exit_status(counts["failed"]),

@@ -11,17 +11,16 @@ and on the whole body per slice, Lin's CCC) in an HTML report; pictures.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .jobs import staging_name
 from .dataset import MANIFEST_FORMAT, load_manifest, load_pair
 from .errors import CTInputError
-from .io import move_into_place
+from .card import ModelCard
+from .staging import staged
 from .metrics import anatomy_shift, psnr, ssim
 from .simulate import simulate_phantom_pairs
 
@@ -36,9 +35,7 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
     if out.exists() and any(out.iterdir()) and not (out / DEMO_MARKER).exists():
         raise CTInputError(f"{out}: exists and was not made by the demo; refusing to overwrite (use --out)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(out)
-    tmp.mkdir()
-    try:
+    with staged(out, directory=True) as tmp:
         (tmp / DEMO_MARKER).write_text("made by `radiomicgan demo`; safe to delete\n")
         print(f"[1/5] simulating 4 chest phantom scans ({size}x{size}x{slices}), each with a smooth (B30) and a sharp (B50) kernel")
         manifest_path = simulate_phantom_pairs(tmp / "data", 4, size=size, slices=slices, seed=seed)
@@ -74,25 +71,21 @@ def run_demo(out: Path, size: int = 128, slices: int = 10, seed: int = 0, epochs
         rois += body_slice_rois(target)
         evaluation = evaluate(target, candidates, rois, bootstrap=50, seed=seed, reference_name="reference (B50)")
         write_report(evaluation, tmp / "report", {"reference (B50)": target, **candidates})
-        card = json.loads((models["RadiomicGAN"] / "model.json").read_text())
+        card = ModelCard.read(models["RadiomicGAN"])
         summary = {
             "held_out_scan": held_out.id,
             "reference": "the same scan reconstructed with B50",
             "metrics_hu_range": [-1024, 3071],
             "results": rows,
             "reproducibility": evaluation.summary["groups"],
-            "radiomicgan": {"vgg_source": card["architecture"]["vgg_source"], "encoder": card["architecture"].get("encoder"),
-                            "window_scaling": card.get("window_scaling"), "best_epoch": card["training"].get("best_epoch"),
-                            "final_window": card.get("final_window"), "window_history": card.get("window_history")},
+            "radiomicgan": {"vgg_source": card.architecture["vgg_source"], "encoder": card.architecture.get("encoder"),
+                            "window_scaling": card.window_scaling, "best_epoch": card.training.best_epoch,
+                            "final_window": list(card.final_window) if card.final_window else None, "window_history": card.window_history},
         }
 
         print("[5/5] plotting")
         _plot_results(images, target.hu, tmp / "harmonization.png")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        move_into_place(tmp, out, overwrite=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"\nHeld-out scan {held_out.id} against its B50 reconstruction (HU clipped to [-1024, 3071]):")
     print(f"{'image':<22}{'PSNR (dB)':>10}{'SSIM':>8}{'train (s)':>11}   outline shift vs input, body / lung (px)")
     for name, row in rows.items():
@@ -140,9 +133,9 @@ def _train_models(manifest_path: Path, folder: Path, epochs: int, steps_per_epoc
                      on_epoch=lambda r, name=name: print(
                          f"      {name} epoch {r['epoch'] + 1}: {_windows_text(r)} HU, "
                          f"validation PSNR {r['val_psnr_db']:.2f} dB (input {r['val_input_psnr_db']:.2f})"))
-        if config.method == "filter":
-            v = card["validation"]
-            print(f"      {name}: fitted; validation PSNR {v['psnr_db']:.2f} dB (input {v['input_psnr_db']:.2f})")
+        if card.training.closed_form:
+            v = card.validation
+            print(f"      {name}: fitted; validation PSNR {v.psnr_db:.2f} dB (input {v.input_psnr_db:.2f})")
         folders[name] = target
         seconds[name] = time.perf_counter() - started
     return folders, seconds

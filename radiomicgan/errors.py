@@ -15,3 +15,11 @@ class CTInputError(RadiomicGANError):
 
 class DatasetError(RadiomicGANError):
     """A manifest of training pairs is malformed or its pairs do not match."""
+
+
+class TrainingError(RadiomicGANError):
+    """Training settings that cannot train, or a model folder that cannot be trained into or resumed."""
+
+
+class ModelError(RadiomicGANError):
+    """A model folder that is missing, malformed, or does not match its architecture."""

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .jobs import gradcam_paths, staging_name
+from .jobs import gradcam_paths
 from .errors import CTInputError, RadiomicGANError
 from .io import (
     check_own_dicom_folder,
@@ -35,9 +33,11 @@ from .io import (
     read_volume,
     write_map,
     write_volume,
+    written_by_radiomicgan,
 )
 from .kernels import same_kernel
-from .modelio import LoadedModel, load_model, resolve_device
+from .modelio import LoadedModel, ModelCard, load_model, resolve_device
+from .staging import staged_many
 from .volume import CTVolume
 
 CHUNK_SLICES = 64  # slices staged per host-to-device copy
@@ -377,7 +377,7 @@ def harmonize_hu(model: LoadedModel, hu: np.ndarray, spacing_xy=(1.0, 1.0), devi
 def check_kernel(volume: CTVolume, model: LoadedModel) -> str | None:
     """A warning text when the scan's kernel tag does not name the model's source kernel (never an error: tags
     vary). Compared by name, any vendor (FC51 = FC51, B30f = B30); Siemens tags near one preset count as one."""
-    source = model.card.get("source_kernel", "")
+    source = model.card.source_kernel
     if not volume.meta.kernel:
         return f"{volume.source}: no ConvolutionKernel tag; the model converts {source} images"
     if source and not same_kernel(volume.meta.kernel, source):
@@ -406,7 +406,7 @@ def harmonize_volume(
     started = time.perf_counter()
     hu = harmonizer.harmonize(volume.hu, volume.spacing[:2], progress=progress, cancel=cancel)
     card = harmonizer.model.card
-    target = card.get("target_kernel", "standard")
+    target = card.target_kernel or "standard"
     result = HarmonizeResult(
         volume=volume.with_hu(hu, series_description=f"{volume.meta.series_description or 'CT'} harmonized to {target}"[:64]),
         device=harmonizer.device, batch=harmonizer.batch,
@@ -414,18 +414,18 @@ def harmonize_volume(
     if gradcam:
         result.cam_input, input_summary = harmonizer.gradcam(volume.hu, volume.hu, th_fail, cancel)
         result.cam_output, output_summary = harmonizer.gradcam(volume.hu, hu, th_fail, cancel)
-        result.windows = {"method": card["method"], "source_kernel": card.get("source_kernel"), "target_kernel": target,
+        result.windows = {"method": card.method, "source_kernel": card.source_kernel, "target_kernel": target,
                           "input": input_summary, "harmonized": output_summary}
     result.seconds = time.perf_counter() - started
     result.notes = list(harmonizer.notes) + ([warning] if warning else [])
     return result
 
 
-def derivation_text(volume: CTVolume, card: dict) -> str:
+def derivation_text(volume: CTVolume, card: ModelCard) -> str:
     from . import __version__
 
-    return (f"RadiomicGAN {__version__}: {card['method']} model harmonized kernel {volume.meta.kernel or card.get('source_kernel')} "
-            f"to {card.get('target_kernel')} over {card.get('hu_range')} HU")
+    return (f"RadiomicGAN {__version__}: {card.method} model harmonized kernel {volume.meta.kernel or card.source_kernel} "
+            f"to {card.target_kernel} over {list(card.hu_range)} HU")
 
 
 def cam_paths(cam_output: Path) -> tuple[Path, Path, Path]:
@@ -474,64 +474,19 @@ def harmonize_file(
     harmonizer = model if isinstance(model, Harmonizer) else Harmonizer(model, device=device, batch=batch)
     result = harmonize_volume(volume, harmonizer, gradcam=gradcam_output is not None, th_fail=th_fail,
                               progress=progress, cancel=cancel)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staged.append((_staging_name(target), target))
-        write_volume(result.volume, staged[0][0], description=result.volume.meta.series_description,
+    with staged_many(targets, owned=written_by_radiomicgan) as tmps:  # a DICOM folder: only one this tool wrote
+        if not image_suffix(output):
+            tmps[0].mkdir()  # a DICOM series: its staging is a folder from the start
+        write_volume(result.volume, tmps[0], description=result.volume.meta.series_description,
                      derivation=derivation_text(volume, harmonizer.model.card))
         if gradcam_output is not None:
-            write_map(result.cam_output, volume, staged[1][0], np.float32)
-            write_map(result.cam_input, volume, staged[2][0], np.float32)
+            write_map(result.cam_output, volume, tmps[1], np.float32)
+            write_map(result.cam_input, volume, tmps[2], np.float32)
             windows = {**result.windows, "input_volume": str(input_path), "harmonized_volume": str(output),
                        "cam_harmonized": str(targets[1]), "cam_input": str(targets[2])}
-            staged[3][0].write_text(json.dumps(windows, indent=2) + "\n")
+            tmps[3].write_text(json.dumps(windows, indent=2) + "\n")
         if cancel is not None and cancel():
             raise Cancelled("harmonization cancelled; nothing written")
-        with _signals_deferred():  # milliseconds: a cancel then finds every output or none, never a part
-            for tmp, target in staged:
-                _replace(tmp, target)
-    finally:
-        for tmp, _ in staged:
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            elif tmp.exists():
-                tmp.unlink()
     return result
 
 
-@contextmanager
-def _signals_deferred():
-    """Hold Ctrl-C and SIGTERM while finished outputs are renamed into place; one that arrives meanwhile is
-    dropped, since the run is then complete (in the main thread only, where Python delivers signals)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    names = [n for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)]
-    previous = {n: signal.signal(getattr(signal, n), lambda *_: None) for n in names}
-    try:
-        yield
-    finally:
-        for n, handler in previous.items():
-            signal.signal(getattr(signal, n), handler)
-
-
-def _staging_name(target: Path) -> Path:
-    """A hidden sibling with the same format: same suffix for files, none for a DICOM folder."""
-    suffix = image_suffix(target) or (target.suffix if target.suffix == ".json" else "")
-    return staging_name(target, suffix)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    if target.is_dir():
-        check_own_dicom_folder(target)  # again: the folder may have changed during the run
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -25,9 +23,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from .jobs import staging_name
 from . import __version__
 from .errors import CTInputError
+from .staging import check_owned, staged
 from .volume import CTMetadata, CTVolume, check_hu_plausible
 
 # Single-file formats SimpleITK reads; the writer accepts those marked True (atomic rename is possible).
@@ -422,17 +420,12 @@ def _write_image_file(volume: CTVolume, p: Path, suffix: str, description: str |
         image.SetMetaData("DerivationDescription", derivation)
     # NIfTI keeps only an 80-character description; put the kernel first so it survives.
     image.SetMetaData("ITK_FileNotes", f"kernel={meta.kernel};{description or ''}"[:79])
-    return _atomic_sitk_write(image, p, suffix)
+    return _write_sitk(image, p)
 
 
-def _atomic_sitk_write(image: sitk.Image, p: Path, suffix: str) -> Path:
-    tmp = staging_name(p, suffix)
-    try:
+def _write_sitk(image: sitk.Image, p: Path) -> Path:
+    with staged(p) as tmp:  # the staging name keeps the suffix: SimpleITK picks the format from it
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return p
 
 
@@ -446,7 +439,7 @@ def write_map(values: np.ndarray, like: CTVolume, path: str | os.PathLike, dtype
     if np.shape(values) != like.shape:
         raise ValueError(f"map shape {np.shape(values)} differs from the volume's {like.shape}")
     image = like.sitk_like(np.asarray(values, dtype=dtype))
-    return _atomic_sitk_write(image, p, suffix)
+    return _write_sitk(image, p)
 
 
 # Patient, study, frame-of-reference and equipment tags a derived series keeps from its source.
@@ -513,9 +506,7 @@ def write_dicom_series(
     base.RescaleIntercept, base.RescaleSlope, base.RescaleType = "0", "1", "HU"
     base.WindowCenter, base.WindowWidth = "40", "400"
 
-    tmp = staging_name(folder)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(folder, directory=True, overwrite=overwrite, owned=written_by_radiomicgan) as tmp:
         for k in range(pixels.shape[0]):
             ds = Dataset()
             ds.update(base)
@@ -531,10 +522,6 @@ def write_dicom_series(
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.preamble = b"\0" * 128
             save_dicom(ds, tmp / f"IM{k + 1:05d}.dcm")
-        move_into_place(tmp, folder, overwrite, owned=written_by_radiomicgan)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 
@@ -564,33 +551,8 @@ def written_by_radiomicgan(path: Path) -> bool:
     return str(image_type[0]).upper() == "DERIVED" and any(m.startswith("RadiomicGAN") for m in marks)
 
 
-def check_owned(folder: Path, owned: Callable[[Path], bool]) -> None:
-    """--overwrite replaces only what this tool wrote: refuse a folder that holds anything else."""
-    for entry in sorted(folder.iterdir()):
-        if not (entry.is_file() and not entry.is_symlink() and owned(entry)):
-            raise CTInputError(f"{folder}: holds {entry.name}, which this tool did not write; refusing to replace the "
-                               "folder (move that file or choose another output)")
-
-
 def check_own_dicom_folder(folder: Path) -> None:
     check_owned(folder, written_by_radiomicgan)
-
-
-def move_into_place(tmp: Path, target: Path, overwrite: bool, owned: Callable[[Path], bool] | None = None) -> None:
-    """Swap a completed temporary folder in for the target, so readers never see a half-written one.
-
-    ``owned`` tells the files this tool wrote; with it, a target holding anything else is refused."""
-    if target.exists():
-        if any(target.iterdir()) and not overwrite:
-            raise CTInputError(f"{target}: already exists; refusing to overwrite")
-        if owned is not None and target.is_dir():
-            check_owned(target, owned)
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(tmp, target)
 
 
 def _ds(value: float) -> str:

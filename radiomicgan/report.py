@@ -8,14 +8,13 @@ import csv
 import html
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .jobs import staging_name
 from .errors import CTInputError
 from .reproducibility import Evaluation, feature_kind
+from .staging import staged
 from .volume import CTVolume
 
 DISPLAY_WINDOW = (-800.0, 800.0)
@@ -28,19 +27,11 @@ def write_report(evaluation: Evaluation, out: Path, volumes: dict[str, CTVolume]
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CTInputError(f"{out}: already exists and is not empty; refusing to overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(out)
-    tmp.mkdir()
-    try:
+    with staged(out, directory=True, owned=lambda f: f.name in REPORT_FILES) as tmp:
         _features_csv(evaluation, tmp / "features.csv")
         _ccc_csv(evaluation, tmp / "ccc.csv")
         (tmp / "summary.json").write_text(json.dumps(evaluation.summary, indent=2, default=_json_default) + "\n")
         (tmp / "report.html").write_text(_html(evaluation, volumes))
-        from .io import move_into_place
-
-        move_into_place(tmp, out, overwrite=True, owned=lambda f: f.name in REPORT_FILES)  # never a user's file
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

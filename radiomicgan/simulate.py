@@ -4,18 +4,17 @@ re-kernelled copies of a user's own scans."""
 from __future__ import annotations
 
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .jobs import staging_name
 from . import __version__
 from .dataset import manifest_entry, write_manifest
 from .errors import CTInputError
-from .io import check_owned, move_into_place, write_map, write_volume
+from .io import check_owned, write_map, write_volume
+from .staging import staged
 from .kernels import KernelPreset, get_preset, kernel_name, preset_for_tag, rekernel, simulate_kernels
 from .phantom import make_chest_phantom
 from .volume import CTMetadata, CTVolume
@@ -92,10 +91,8 @@ def simulate_phantom_pairs(
     if source_preset == target_preset:
         raise CTInputError(f"source and target kernel are both {source_preset.name}; a pair needs two kernels")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(out)
-    tmp.mkdir()
     case_seeds = np.random.SeedSequence(seed).generate_state(cases)
-    try:
+    with staged(out, directory=True, owned=_phantom_file) as tmp:
         entries = []
         for k in range(cases):
             source, target, labels = phantom_pair(
@@ -115,10 +112,6 @@ def simulate_phantom_pairs(
             "noise_scale": noise_scale, "source_kernel": source_preset.description, "target_kernel": target_preset.description,
         }
         write_manifest(tmp, entries, info)
-        move_into_place(tmp, out, overwrite=True, owned=_phantom_file)  # never a user's file
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out / "manifest.json"
 
 
@@ -193,9 +186,7 @@ def rekernel_folder_pairs(
         raise CTInputError(f"{folder}: no image files or DICOM series found")
     seeds = np.random.SeedSequence(seed).generate_state(len(scans))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(out)
-    tmp.mkdir()
-    try:
+    with staged(out, directory=True) as tmp:
         entries = []
         for k, (name, load) in enumerate(scans):
             try:
@@ -232,8 +223,4 @@ def rekernel_folder_pairs(
             "target_kernel": "the scans as reconstructed", "seed": seed, "noise_scale": noise_scale,
         }
         write_manifest(tmp, entries, info)
-        move_into_place(tmp, out, overwrite=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out / "manifest.json", len(entries)

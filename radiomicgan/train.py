@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,94 +24,26 @@ import numpy as np
 
 from . import __version__
 from .dataset import Manifest, SliceSampler, load_manifest
-from .errors import RadiomicGANError
+from . import methods
+from .card import DataRecord, ModelCard, TrainingRecord, ValidationRecord
+from .errors import TrainingError
 from .metrics import psnr
 from .modelio import (
     CARD_NAME,
     CHECKPOINT_NAME,
-    METHODS,
-    MODEL_FORMAT,
-    NETWORK_METHODS,
     WEIGHTS_NAME,
     LoadedModel,
     atomic_torch_save,
     build_networks,
     resolve_device,
     safe_load,
-    write_card,
 )
-from .window import (STANDARD_RANGE, WINDOW_SCALINGS, WindowSchedule, apply_window, growing_steps_per_window, select_window,
-                     window_weight)
-
-MIN_GAN_CROP = 32  # below it the U-Net bottleneck (1/8) or the PatchGAN's last layers shrink to 1x1 (instance norm fails)
+from .settings import TrainConfig
+from .staging import on_interrupt, staged
+from .window import WindowSchedule, apply_window, growing_steps_per_window, select_window, window_weight
 from .jobs import CAM_PLOT, CAM_SAMPLES, CANCEL_NAME, LOG_NAME, WINDOWS_PLOT  # noqa: E402,F401  (shared with the programs that read them)
 
-
-class TrainingError(RadiomicGANError):
-    pass
-
-
-# Adam learning rates. RadiomicGAN and pix2pix: 2e-4, as pix2pix and the authors' script use (the paper says
-# 1e-4); measured on the real slice at the demo's budget (300 steps): 48.5 dB at 2e-4 against 45.0 dB at 1e-4
-# (bench/real_slice_sweep.sh, README). Choe et al.: their published 1e-4.
-DEFAULT_LR = {"radiomicgan": 2e-4, "pix2pix": 2e-4, "choe": 1e-4}
-
-
-@dataclass
-class TrainConfig:
-    method: str = "radiomicgan"
-    schedule: str = "dwt"
-    epochs: int = 30  # the paper's maximum
-    steps_per_epoch: int = 100
-    batch: int = 4
-    crop: int = 128
-    lr: float | None = None  # None: DEFAULT_LR for the method
-    beta1: float = 0.5  # paper
-    lr_decay: bool = True  # pix2pix: constant for the first half of the steps, then linearly to zero
-    lambda_l1: float = 100.0
-    adversarial_warmup: int = 0  # first steps with the L1 loss only (the discriminator trains meanwhile)
-    contrast_jitter: float = 0.0  # training crops' HU scaled about air by 1 +- this (SliceSampler); 0: off
-    window_scaling: str = "fixed"  # "window" (the paper's min-max per window), "fixed" (over hu_range) or "focus" (L1 weighs the window)
-    consolidate: float = 0.25  # fraction of the epochs (at least one) that end DWT at the inference window
-    th_acc: float = 0.5
-    th_eta: int = 2
-    growing_share: float = 0.25  # fixed growing takes at most this share of the steps (0: paced by th_eta epochs only)
-    th_fail: float = 0.5
-    cam_subset: int = 8  # |P|: slices whose Grad-CAM picks the next window
-    window_step: float = 256.0
-    hu_range: tuple[float, float] = STANDARD_RANGE
-    vgg_weights: str = "imagenet"
-    finetune_vgg: bool | None = None  # None: frozen for pretrained weights (paper), trained when random
-    head_gain: float = 1.0
-    device: str = "auto"
-    seed: int = 0
-    val_slices: int = 8
-    log_every: int = 10
-    extra: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.method, 1e-4)
-        if self.method not in METHODS:
-            raise TrainingError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.method in ("choe", "pix2pix") and self.schedule != "none":
-            raise TrainingError(f"method '{self.method}' trains on the whole range: use --schedule none")
-        for name in ("epochs", "steps_per_epoch", "batch", "crop", "th_eta", "cam_subset"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name.replace('_', '-')} must be at least 1")
-        if self.window_scaling not in WINDOW_SCALINGS:
-            raise TrainingError(f"unknown window scaling '{self.window_scaling}'; choose one of {', '.join(WINDOW_SCALINGS)}")
-        if not 0.0 <= self.growing_share <= 1.0:
-            raise TrainingError(f"growing share must be a fraction in [0, 1], got {self.growing_share}")
-        if not 0.0 <= self.contrast_jitter < 1.0:
-            raise TrainingError(f"contrast jitter must be a fraction in [0, 1), got {self.contrast_jitter}")
-        if not 0.0 <= self.consolidate < 1.0:
-            raise TrainingError(f"consolidate must be a fraction in [0, 1), got {self.consolidate}")
-        if self.method in ("radiomicgan", "pix2pix") and self.crop % 8:
-            raise TrainingError(f"crop {self.crop} must be a multiple of 8 (three poolings in the U-Net)")
-        if self.method in ("radiomicgan", "pix2pix") and self.crop < MIN_GAN_CROP:
-            raise TrainingError(f"crop {self.crop}: {self.method} needs at least {MIN_GAN_CROP}x{MIN_GAN_CROP} pixels (smaller, "
-                                f"its bottleneck and discriminator shrink to 1x1); use --crop {MIN_GAN_CROP} or more")
+__all__ = ["TrainConfig", "TrainingError", "train"]  # TrainConfig: every setting, defined in radiomicgan.settings
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -125,18 +55,16 @@ class Cancel:
     def __init__(self, flag_file: Path | None):
         self.flag_file = flag_file
         self.requested = False
-        self._previous = None
+        self._interrupts = on_interrupt(self._on_signal)
 
     def __enter__(self):
-        if hasattr(signal, "SIGINT") and _main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        self._interrupts.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        return self._interrupts.__exit__(*exc)
 
-    def _on_signal(self, signum, frame):
+    def _on_signal(self):
         if self.requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.requested = True
@@ -146,12 +74,6 @@ class Cancel:
         if self.flag_file is not None and self.flag_file.exists():
             self.requested = True
         return self.requested
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class _Distributed:
@@ -266,17 +188,17 @@ def train(
     progress: bool | None = None,
     cancel_file: Path | None = None,
     on_epoch: Callable[[dict], None] | None = None,
-) -> dict:
+) -> ModelCard:
     """Train and write a model folder; returns the card. ``on_epoch`` receives each epoch's record."""
     config.check()
     manifest = load_manifest(pairs)
     out = Path(out)
     created = not out.exists()
     try:
-        if config.method in ("filter", "histmatch"):
-            return _fit_closed_form(manifest, out, config, resume)
+        if not methods.get(config.method).network:
+            return _fit_closed_form(manifest, out, config)
         card = _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch)
-        if created and card.get("training", {}).get("status") == "cancelled" and out.is_dir() and not any(out.iterdir()):
+        if created and card.training.status == "cancelled" and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # cancelled before a first epoch, in a folder this run made: leave nothing
         return card
     except BaseException:
@@ -291,231 +213,244 @@ def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:
     if resume:
         if not (out / CHECKPOINT_NAME).is_file() or not (out / CARD_NAME).is_file():
             raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
-        previous = json.loads((out / CARD_NAME).read_text())
+        previous = ModelCard.read(out)
         for key in ("method", "schedule"):
-            if previous.get(key) != getattr(config, key):
-                raise TrainingError(f"{out}: was trained with {key} '{previous.get(key)}', not '{getattr(config, key)}'; cannot resume")
+            if getattr(previous, key) != getattr(config, key):
+                raise TrainingError(f"{out}: was trained with {key} '{getattr(previous, key)}', not '{getattr(config, key)}'; cannot resume")
     elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
         raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _base_card(manifest: Manifest, config: TrainConfig) -> dict:
+def _base_card(manifest: Manifest, config: TrainConfig) -> ModelCard:
     source_kernel, target_kernel = manifest.kernels
-    return {
-        "format": MODEL_FORMAT,
-        "method": config.method,
-        "schedule": config.schedule if config.method in NETWORK_METHODS else None,
-        "source_kernel": source_kernel,
-        "target_kernel": target_kernel,
-        "hu_range": list(config.hu_range),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "versions": _versions(),
-        "data": {"manifest": str(manifest.path), "pairs": len(manifest.pairs)},
-    }
+    return ModelCard(
+        method=config.method, source_kernel=source_kernel, target_kernel=target_kernel, hu_range=tuple(config.hu_range),
+        schedule=config.schedule if methods.get(config.method).network else None, config=config.as_card(),
+        versions=_versions(), data=DataRecord(manifest=str(manifest.path), pairs=len(manifest.pairs)),
+    )
 
 
-def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig, resume: bool) -> dict:
-    from .baselines import FilterHarmonizer, HistMatchHarmonizer
-
+def _fit_closed_form(manifest: Manifest, out: Path, config: TrainConfig) -> ModelCard:
     _prepare_output(out, False, config)
     train_set, val, val_label = _split(manifest, config.val_slices)
     sampler = SliceSampler(train_set, crop=None)
     triples = [(s.hu, t.hu, s.spacing[:2]) for s, t in sampler.volumes]
-    if config.method == "filter":
-        nyquist = max(0.5 / min(sp) for _, _, sp in triples)
-        model = FilterHarmonizer.fit(triples, nyquist)
-    else:
-        model = HistMatchHarmonizer.fit(triples)
+    model = methods.get(config.method).fit(triples, max(0.5 / min(sp) for _, _, sp in triples))
     card = _base_card(manifest, config)
     spacing = sampler.volumes[0][0].spacing[:2]
-    loaded = LoadedModel(card=card, baseline=model)
-    model_psnr, input_psnr = validation_psnr(loaded, val, spacing, "cpu")
-    card.update(
-        architecture={"baseline": config.method},
-        data={**card["data"], "pairs": len(train_set.pairs), "slices": len(sampler), "validation": val_label},
-        validation={"psnr_db": model_psnr, "input_psnr_db": input_psnr, "slices": len(val)},
-        training={"epochs": 0, "epochs_done": 0, "steps_done": 0, "device": "cpu", "precision": "float64", "closed_form": True},
-    )
+    model_psnr, input_psnr = validation_psnr(LoadedModel(card=card, baseline=model), val, spacing, "cpu")
+    card.architecture = {"baseline": config.method}
+    card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
+    card.validation = ValidationRecord(psnr_db=model_psnr, input_psnr_db=input_psnr, slices=len(val))
+    card.training = TrainingRecord(device="cpu", precision="float64", epochs=0, closed_form=True)
     atomic_torch_save(model.state(), out / WEIGHTS_NAME)
-    write_card(out, card)
+    card.write(out)
     return card
 
 
-def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch) -> dict:
-    import torch
-    import torch.nn.functional as F
-
-    device = resolve_device(config.device)
-    dist = _Distributed(device)
-    device = dist.device
+def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoch) -> ModelCard:
+    """The epoch loop; what each part does is a method of ``_Run``."""
+    dist = _Distributed(resolve_device(config.device))
     try:
+        run = _Run(manifest, out, config, resume, dist, progress)
+        status = "completed"
+        with Cancel(cancel_file or out / CANCEL_NAME) as cancel:
+            for epoch in range(run.start_epoch, config.epochs):
+                window, started = run.schedule.window, time.perf_counter()
+                means = run.train_epoch(epoch, cancel)
+                if means is None:
+                    status = "cancelled"
+                    break
+                record = run.end_epoch(epoch, window, means, started)
+                if record is not None and on_epoch:
+                    on_epoch(record)
+        run.finish(status, cancel)
+        return run.card
+    finally:
+        dist.close()
+
+
+class _Run:
+    """One network training run: data, networks, optimisers, window schedule, model card and log, set up (or
+    resumed from ``checkpoint.pt``) once; then an epoch of steps, the end of an epoch, the end of the run."""
+
+    def __init__(self, manifest, out: Path, config: TrainConfig, resume: bool, dist: "_Distributed", progress: bool | None):
+        import torch
+
+        self.out, self.config, self.dist, self.method = out, config, dist, methods.get(config.method)
+        device = self.device = dist.device
         if dist.main:
             _prepare_output(out, resume, config)
-        train_set, val, val_label = _split(manifest, config.val_slices)
-        sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
-        for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
-            if min(source.shape[1:]) < MIN_GAN_CROP:
+        train_set, self.val, val_label = _split(manifest, config.val_slices)
+        self.sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
+        for source, _ in self.sampler.volumes:
+            if min(source.shape[1:]) < self.method.min_crop:
+                m = self.method.min_crop
                 raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
-                                    f"at least {MIN_GAN_CROP}x{MIN_GAN_CROP} (smaller, its discriminator shrinks to 1x1)")
-        spacing = sampler.volumes[0][0].spacing[:2]
+                                    f"at least {m}x{m} (smaller, its discriminator shrinks to 1x1)")
+        self.spacing = self.sampler.volumes[0][0].spacing[:2]
         torch.manual_seed(config.seed)
-
-        card = _base_card(manifest, config)
-        card["architecture"] = {"vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg, "head_gain": config.head_gain}
-        generator, discriminator = build_networks(card)
-        card["architecture"]["vgg_source"] = getattr(generator, "vgg_source", "none (no pretrained encoder)")
-        card["architecture"]["finetune_vgg"] = getattr(generator, "finetune_vgg", None)
-        card["architecture"]["encoder"] = getattr(generator, "encoder", None)
-        card["architecture"].pop("vgg_weights")
-        card["window_scaling"] = config.window_scaling
-        card["inference_window"] = list(config.hu_range)
-        if "random" in card["architecture"]["vgg_source"] and config.method == "radiomicgan" and dist.main:
+        self.card = card = _base_card(manifest, config)
+        self.generator, self.discriminator = build_networks(config.method, {
+            "vgg_weights": config.vgg_weights, "finetune_vgg": config.finetune_vgg, "head_gain": config.head_gain})
+        generator, discriminator = self.generator, self.discriminator
+        card.architecture = {"finetune_vgg": getattr(generator, "finetune_vgg", None), "head_gain": config.head_gain,
+                             "vgg_source": getattr(generator, "vgg_source", "none (no pretrained encoder)"),
+                             "encoder": getattr(generator, "encoder", None)}
+        card.window_scaling, card.inference_window = config.window_scaling, tuple(config.hu_range)
+        if "random" in card.architecture["vgg_source"] and dist.main:
             print("radiomicgan: VGG-19 encoder randomly initialised (not ImageNet), as asked; recorded in the model card",
                   file=sys.stderr)
         cuda = device.startswith("cuda")
-        memory_format = torch.channels_last if cuda else torch.contiguous_format
-        generator.to(device, memory_format=memory_format)
+        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        generator.to(device, memory_format=self.memory_format)
         if discriminator is not None:
-            discriminator.to(device, memory_format=memory_format)
-        g_params = [p for p in generator.parameters() if p.requires_grad]
-        if config.method == "choe":
-            opt_g = torch.optim.Adam(g_params, lr=config.lr)
-        else:
-            opt_g = torch.optim.Adam(g_params, lr=config.lr, betas=(config.beta1, 0.999))
-        opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
-        consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
-        total_steps = config.epochs * config.steps_per_epoch
-        steps_per_window = growing_steps_per_window(config.growing_share, config.epochs, config.steps_per_epoch, config.th_eta,
-                                                    config.hu_range, -769.0, config.window_step)
-        schedule = WindowSchedule(config.schedule, config.hu_range, -769.0, config.window_step, config.th_acc, config.th_eta,
-                                  epochs=config.epochs, consolidate=consolidate, steps_per_window=steps_per_window)
-        start_epoch, steps_done = 0, 0
-        best = {"psnr_db": -np.inf, "epoch": None}
-
+            discriminator.to(device, memory_format=self.memory_format)
+        betas = {"betas": (config.beta1, 0.999)} if self.method.adam_beta1 else {}
+        self.opt_g = torch.optim.Adam([p for p in generator.parameters() if p.requires_grad], lr=config.lr, **betas)
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=(config.beta1, 0.999)) if discriminator else None
+        self.schedule = _window_schedule(config)
+        self.start_epoch, self.steps_done, self.total_steps = 0, 0, config.epochs * config.steps_per_epoch
+        self.best = {"psnr_db": -np.inf, "epoch": None}
         if resume:
-            state = safe_load(out / CHECKPOINT_NAME)
-            generator.load_state_dict(state["generator"])
-            opt_g.load_state_dict(state["opt_g"])
-            if discriminator is not None:
-                discriminator.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["opt_d"])
-            schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
-                                         "window": tuple(state["schedule"]["window"])})
-            start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
-            best = state.get("best", best)
-            sampler.rng = np.random.default_rng([config.seed + 1000 * dist.rank, start_epoch])
-            torch.manual_seed(config.seed + start_epoch)
-
-        g_train, d_train = generator, discriminator
+            self._resume(torch)
+        self.g_train, self.d_train = generator, discriminator
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [int(device.split(":")[1])] if cuda else None
-            g_train = DDP(generator, device_ids=ids)
-            d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
-
-        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-        card["training"] = {"device": device, "precision": "bf16 autocast + channels_last" if cuda else "float32",
-                            "world_size": dist.world_size, "epochs": config.epochs}
-        card["data"].update(pairs=len(train_set.pairs), slices=len(sampler), validation=val_label)
-
-        bar = None
-        show = progress if progress is not None else sys.stderr.isatty()
-        if show and dist.main:
+            self.g_train = DDP(generator, device_ids=ids)
+            self.d_train = DDP(discriminator, device_ids=ids) if discriminator is not None else None
+        self.autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        card.training = TrainingRecord(device=device, precision="bf16 autocast + channels_last" if cuda else "float32",
+                                       world_size=dist.world_size, epochs=config.epochs)
+        card.data = DataRecord(manifest=card.data.manifest, pairs=len(train_set.pairs), slices=len(self.sampler), validation=val_label)
+        self.bar = None
+        if (progress if progress is not None else sys.stderr.isatty()) and dist.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=config.epochs * config.steps_per_epoch, initial=start_epoch * config.steps_per_epoch,
-                       desc=f"train {config.method}", unit="step")
-        log = open(out / LOG_NAME, "a") if dist.main else None
-        cancel = Cancel(cancel_file or out / CANCEL_NAME)
-        status = "completed"
-        with cancel:
-            for epoch in range(start_epoch, config.epochs):
-                window = schedule.window
-                generator.train()
-                if discriminator is not None:
-                    discriminator.train()
-                sums = {"loss_g": 0.0, "loss_d": 0.0, "l1": 0.0, "l1_input": 0.0, "accuracy": 0.0}
-                started = time.perf_counter()
-                for step in range(config.steps_per_epoch):
-                    if dist.broadcast(cancel()) if dist.active else cancel():
-                        status = "cancelled"
-                        break
-                    source, target = sampler.sample(config.batch)
-                    step_window = schedule.window  # fixed growing paced by steps widens it within an epoch
-                    x = torch.from_numpy(apply_window(source, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
-                    y = torch.from_numpy(apply_window(target, step_window, config.hu_range, config.window_scaling))[:, None].to(device, memory_format=memory_format)
-                    weight = window_weight(target, step_window, config.hu_range, config.window_scaling)
-                    if weight is not None:
-                        weight = torch.from_numpy(weight)[:, None].to(device, memory_format=memory_format)
-                    _set_learning_rate(config, (opt_g, opt_d), steps_done, total_steps)
-                    record = train_step(config, g_train, d_train, opt_g, opt_d, x, y, autocast, F,
-                                        adversarial=steps_done >= config.adversarial_warmup, weight=weight)
-                    for k in sums:
-                        sums[k] += record.get(k, 0.0)
-                    steps_done += 1
-                    schedule.end_step()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(window=f"[{step_window[0]:.0f},{step_window[1]:.0f}]", l1=f"{record['l1']:.4f}")
-                    if log and steps_done % config.log_every == 0:
-                        log.write(json.dumps({"event": "step", "epoch": epoch, "step": steps_done, "window": list(step_window), **record}) + "\n")
-                        log.flush()
-                if status == "cancelled":
-                    break
-                means = {k: dist.mean(v / config.steps_per_epoch) for k, v in sums.items()}
-                selected, cam_info = None, {}
-                if schedule.needs_cam:
-                    if dist.main:
-                        selected, cam_info = _dynamic_selection(generator, discriminator, sampler, config, device)
-                    selected = dist.broadcast(selected)
-                schedule.end_epoch(epoch, means["accuracy"], selected)
-                epoch_record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
-                                "seconds": time.perf_counter() - started, **means, **cam_info}
-                if "windows" in schedule.history[-1]:  # fixed growing widened within the epoch
-                    epoch_record["windows"] = schedule.history[-1]["windows"]
-                if dist.main:
-                    loaded = LoadedModel(card=card, generator=generator.eval(), discriminator=discriminator)
-                    epoch_record["val_psnr_db"], epoch_record["val_input_psnr_db"] = validation_psnr(loaded, val, spacing, device)
-                    improved = epoch_record["val_psnr_db"] > best["psnr_db"]
-                    if improved:
-                        best = {"psnr_db": epoch_record["val_psnr_db"], "epoch": epoch, "window": list(window)}
-                        card["validation"] = {"psnr_db": epoch_record["val_psnr_db"], "input_psnr_db": epoch_record["val_input_psnr_db"],
-                                              "slices": len(val), "epoch": epoch}
-                        card["final_window"] = list(window)
-                    epoch_record["best_epoch"] = best["epoch"]
-                    card["window_history"] = schedule.history
-                    card["training"].update(epochs_done=epoch + 1, steps_done=steps_done, best_epoch=best["epoch"],
-                                            last_val_psnr_db=epoch_record["val_psnr_db"])
-                    _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch + 1, steps_done, best, improved)
-                    if _cam_samples(out, generator, discriminator, val, config, device):  # of this epoch's model
-                        epoch_record["cam_samples"] = CAM_SAMPLES
-                    log.write(json.dumps(epoch_record) + "\n")
-                    log.flush()
-                    if on_epoch:
-                        on_epoch(epoch_record)
-        if bar is not None:
-            bar.close()
-        checksums = dist.gather(float(sum(p.detach().double().sum().item() for p in generator.parameters())))  # equal when in sync
-        if dist.main:
-            if dist.active:
-                log.write(json.dumps({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1}) + "\n")
-            log.write(json.dumps({"event": "end", "status": status, "steps": steps_done}) + "\n")
-            log.close()
-            card["training"]["status"] = status
-            if (out / CARD_NAME).exists():
-                write_card(out, card)
-                if best["epoch"] is not None and best["epoch"] + 1 != card["training"].get("epochs_done"):
-                    _restore_best(out, generator, discriminator)  # the plots show the model users get
-                _plots(out, card, generator, discriminator, val, config, device)
-            elif status == "cancelled":
-                _remove_empty_run(out)
-            if status == "cancelled" and cancel.flag_file is not None and cancel.flag_file.is_file():
-                cancel.flag_file.unlink()  # the flag is consumed, so that --resume does not stop at once
-        return card
-    finally:
-        dist.close()
+            self.bar = tqdm(total=self.total_steps, initial=self.start_epoch * config.steps_per_epoch,
+                            desc=f"train {config.method}", unit="step")
+        self.log = open(out / LOG_NAME, "a") if dist.main else None
+
+    def _resume(self, torch) -> None:
+        state = safe_load(self.out / CHECKPOINT_NAME)
+        self.generator.load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        s = state["schedule"]
+        self.schedule = WindowSchedule(**{**s, "hu_range": tuple(s["hu_range"]), "window": tuple(s["window"])})
+        self.start_epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+        self.best = state.get("best", self.best)
+        self.sampler.rng = np.random.default_rng([self.config.seed + 1000 * self.dist.rank, self.start_epoch])
+        torch.manual_seed(self.config.seed + self.start_epoch)
+
+    def _write_log(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+    def train_epoch(self, epoch: int, cancel) -> dict | None:
+        """``steps_per_epoch`` steps; their mean losses and generator accuracy, or None when cancelled."""
+        import torch
+
+        config, dist = self.config, self.dist
+        self.generator.train()
+        if self.discriminator is not None:
+            self.discriminator.train()
+        sums = {"loss_g": 0.0, "loss_d": 0.0, "l1": 0.0, "l1_input": 0.0, "accuracy": 0.0}
+        for _ in range(config.steps_per_epoch):
+            if dist.broadcast(cancel()) if dist.active else cancel():
+                return None
+            source, target = self.sampler.sample(config.batch)
+            window = self.schedule.window  # fixed growing paced by steps widens it within an epoch
+            x, y = (torch.from_numpy(apply_window(hu, window, config.hu_range, config.window_scaling))[:, None]
+                    .to(self.device, memory_format=self.memory_format) for hu in (source, target))
+            weight = window_weight(target, window, config.hu_range, config.window_scaling)  # focus scaling only
+            if weight is not None:
+                weight = torch.from_numpy(weight)[:, None].to(self.device, memory_format=self.memory_format)
+            _set_learning_rate(config, (self.opt_g, self.opt_d), self.steps_done, self.total_steps)
+            record = train_step(config, self.g_train, self.d_train, self.opt_g, self.opt_d, x, y, self.autocast,
+                                adversarial=self.steps_done >= config.adversarial_warmup, weight=weight)
+            for k in sums:
+                sums[k] += record.get(k, 0.0)
+            self.steps_done += 1
+            self.schedule.end_step()
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(window=f"[{window[0]:.0f},{window[1]:.0f}]", l1=f"{record['l1']:.4f}")
+            if self.log and self.steps_done % config.log_every == 0:
+                self._write_log({"event": "step", "epoch": epoch, "step": self.steps_done, "window": list(window), **record})
+        return {k: dist.mean(v / config.steps_per_epoch) for k, v in sums.items()}
+
+    def end_epoch(self, epoch: int, window, means: dict, started: float) -> dict | None:
+        """Dynamic selection picks the next window; rank 0 validates, keeps the best epoch and rewrites the model
+        folder. Returns the epoch's record (None on the other ranks)."""
+        dist, card, schedule = self.dist, self.card, self.schedule
+        selected, cam_info = None, {}
+        if schedule.needs_cam:
+            if dist.main:
+                selected, cam_info = _dynamic_selection(self.generator, self.discriminator, self.sampler, self.config, self.device)
+            selected = dist.broadcast(selected)
+        schedule.end_epoch(epoch, means["accuracy"], selected)
+        record = {"event": "epoch", "epoch": epoch, "window": list(window), "next_window": list(schedule.window),
+                  "seconds": time.perf_counter() - started, **means, **cam_info}
+        if "windows" in schedule.history[-1]:  # fixed growing widened within the epoch
+            record["windows"] = schedule.history[-1]["windows"]
+        if not dist.main:
+            return None
+        loaded = LoadedModel(card=card, generator=self.generator.eval(), discriminator=self.discriminator)
+        record["val_psnr_db"], record["val_input_psnr_db"] = validation_psnr(loaded, self.val, self.spacing, self.device)
+        improved = record["val_psnr_db"] > self.best["psnr_db"]
+        if improved:
+            self.best = {"psnr_db": record["val_psnr_db"], "epoch": epoch, "window": list(window)}
+            card.validation = ValidationRecord(psnr_db=record["val_psnr_db"], input_psnr_db=record["val_input_psnr_db"],
+                                               slices=len(self.val), epoch=epoch)
+            card.final_window = tuple(window)
+        record["best_epoch"] = self.best["epoch"]
+        card.window_history = schedule.history
+        card.training.epochs_done, card.training.steps_done = epoch + 1, self.steps_done
+        card.training.best_epoch, card.training.last_val_psnr_db = self.best["epoch"], record["val_psnr_db"]
+        _save(self.out, card, self.generator, self.discriminator, self.opt_g, self.opt_d, schedule, epoch + 1, self.steps_done,
+              self.best, improved)
+        if _cam_samples(self.out, self.generator, self.discriminator, self.val, self.config, self.device):  # of this epoch's model
+            record["cam_samples"] = CAM_SAMPLES
+        self._write_log(record)
+        return record
+
+    def finish(self, status: str, cancel: "Cancel") -> None:
+        """The card says how the run ended; the plots show the model users get (the best epoch)."""
+        out, card, dist = self.out, self.card, self.dist
+        if self.bar is not None:
+            self.bar.close()
+        checksums = dist.gather(float(sum(p.detach().double().sum().item() for p in self.generator.parameters())))  # equal when in sync
+        if not dist.main:
+            return
+        if dist.active:
+            self._write_log({"event": "ddp_sync", "checksums": checksums, "in_sync": len(set(checksums)) == 1})
+        self._write_log({"event": "end", "status": status, "steps": self.steps_done})
+        self.log.close()
+        card.training.status = status
+        if (out / CARD_NAME).exists():
+            card.write(out)
+            if self.best["epoch"] is not None and self.best["epoch"] + 1 != card.training.epochs_done:
+                _restore_best(out, self.generator, self.discriminator)
+            _plots(out, card, self.generator, self.discriminator, self.val, self.config, self.device)
+        elif status == "cancelled":
+            _remove_empty_run(out)
+        if status == "cancelled" and cancel.flag_file is not None and cancel.flag_file.is_file():
+            cancel.flag_file.unlink()  # the flag is consumed, so that --resume does not stop at once
+
+
+def _window_schedule(config: TrainConfig) -> WindowSchedule:
+    """Fixed growing from [LO, growing_start], paced by ``growing_share`` of the steps; consolidation at the end."""
+    consolidate = max(1, round(config.consolidate * config.epochs)) if config.consolidate > 0 and config.schedule != "none" else 0
+    steps_per_window = growing_steps_per_window(config.growing_share, config.epochs, config.steps_per_epoch, config.th_eta,
+                                                config.hu_range, config.growing_start, config.window_step)
+    return WindowSchedule(config.schedule, config.hu_range, config.growing_start, config.window_step, config.th_acc, config.th_eta,
+                          epochs=config.epochs, consolidate=consolidate, steps_per_window=steps_per_window)
 
 
 def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
@@ -531,21 +466,34 @@ def _set_learning_rate(config, optimizers, step: int, total: int) -> None:
                 group["lr"] = config.lr * factor
 
 
-def train_step(config, g, d, opt_g, opt_d, x, y, autocast, F, adversarial: bool = True, weight=None) -> dict:
-    """One optimisation step. pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) +
-    lambda L1 (L1 alone while ``adversarial`` is off). Choe: L2 only. ``weight`` (``focus`` windows): the L1 is
-    the mean over the weighted pixels."""
-    import torch
+def train_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial: bool = True, weight=None) -> dict:
+    """One optimisation step, by the method's loss (``radiomicgan.methods``). ``weight`` (``focus`` windows): the
+    L1 is the mean over the weighted pixels."""
+    step = {"gan": _gan_step, "l2": _l2_step}[methods.get(config.method).loss]
+    return step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight)
+
+
+def _l2_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight) -> dict:
+    """Choe et al.: L2 on the residual."""
+    import torch.nn.functional as F
 
     l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
-    if d is None:  # Choe et al.: L2 on the residual
-        with autocast:
-            fake = g(x)
-            loss = F.mse_loss(fake.float(), y.float())
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
+    with autocast:
+        fake = g(x)
+        loss = F.mse_loss(fake.float(), y.float())
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+    return {"loss_g": loss.item(), "l1": (fake.detach().float() - y).abs().mean().item(), "l1_input": l1_input}
+
+
+def _gan_step(config, g, d, opt_g, opt_d, x, y, autocast, adversarial, weight) -> dict:
+    """pix2pix losses: D = 0.5 (BCE(real) + BCE(fake)); G = BCE(fake as real) + lambda L1 (L1 alone while
+    ``adversarial`` is off)."""
+    import torch
+    import torch.nn.functional as F
+
+    l1_input = (x.float() - y.float()).abs().mean().item()  # what doing nothing scores: the loss to lower
     with autocast:
         fake = g(x)
         logits_fake = d(x, fake.detach())
@@ -610,7 +558,7 @@ def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, st
             weights["discriminator"] = discriminator.state_dict()
         atomic_torch_save(weights, out / WEIGHTS_NAME)
     atomic_torch_save(checkpoint, out / CHECKPOINT_NAME)
-    write_card(out, card)
+    card.write(out)
 
 
 def _restore_best(out: Path, generator, discriminator) -> None:
@@ -627,7 +575,7 @@ def _remove_empty_run(out: Path) -> None:
         (out / LOG_NAME).unlink()
 
 
-def _plots(out: Path, card: dict, generator, discriminator, val, config, device) -> None:
+def _plots(out: Path, card: ModelCard, generator, discriminator, val, config, device) -> None:
     """The window history (paper Fig. 5a) and the sample Grad-CAM maps (Fig. 5b; their data is written after every
     epoch by ``_cam_samples``), saved as plots."""
     import matplotlib
@@ -635,7 +583,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    history = card.get("window_history", [])
+    history = card.window_history or []
     if history:
         fig, ax = plt.subplots(figsize=(8.5, 3.6))
         epochs = [h["epoch"] for h in history]
@@ -653,7 +601,7 @@ def _plots(out: Path, card: dict, generator, discriminator, val, config, device)
         ax.set_xlabel("epoch")
         ax.set_ylabel("training window (HU)")
         ax.set_xticks(epochs)
-        ax.set_title(f"Dynamic window-based training: {card.get('schedule')} schedule")
+        ax.set_title(f"Dynamic window-based training: {card.schedule} schedule")
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
         fig.tight_layout()
         fig.savefig(out / WINDOWS_PLOT, dpi=100)
@@ -669,9 +617,8 @@ def _cam_samples(out: Path, generator, discriminator, val, config, device) -> bo
     shapes = {s.shape for s, _ in val}
     samples = np.stack([s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]])
     synthesized, cams = synthesize_with_cam(generator, discriminator, samples, config.hu_range, device)
-    partial = out / f".{CAM_SAMPLES}.partial.npz"
-    np.savez_compressed(partial, source=samples, synthesized=synthesized, cam=cams)
-    os.replace(partial, out / CAM_SAMPLES)
+    with staged(out / CAM_SAMPLES) as tmp:
+        np.savez_compressed(tmp, source=samples, synthesized=synthesized, cam=cams)
     return True
 
 

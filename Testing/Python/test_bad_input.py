@@ -223,8 +223,8 @@ def test_train_cancel_exits_130_keeps_the_last_epoch_and_the_users_folder(data, 
                          device="cpu")
     card = train(data / "pairs32", work / "run", config, progress=False,
                  on_epoch=lambda record: (work / "run" / CANCEL_NAME).write_text(""))
-    assert card["training"]["status"] == "cancelled" and card["training"]["epochs_done"] == 1
-    assert load_model(work / "run").card["training"]["epochs_done"] == 1 and not (work / "run" / CANCEL_NAME).exists()
+    assert card.training.status == "cancelled" and card.training.epochs_done == 1
+    assert load_model(work / "run").card.training.epochs_done == 1 and not (work / "run" / CANCEL_NAME).exists()
 
 
 def test_readme_commands_parse_as_written_and_run_on_tiny_data(data, work, capsys, monkeypatch):

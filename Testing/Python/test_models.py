@@ -15,7 +15,7 @@ from radiomicgan.gradcam import gradcam_nonstandard
 from radiomicgan.kernels import PRESETS, simulate_kernels
 from radiomicgan.metrics import psnr
 from radiomicgan.harmonize import Harmonizer
-from radiomicgan.modelio import LoadedModel, ModelError, load_model
+from radiomicgan.modelio import LoadedModel, ModelCard, ModelError, load_model
 from radiomicgan.models import (
     ChoeCNN,
     PatchDiscriminator,
@@ -114,7 +114,7 @@ def test_batched_output_equals_one_slice_output(generator):
 
 
 def _loaded(generator) -> LoadedModel:
-    return LoadedModel(card={"method": "radiomicgan", "hu_range": [-1024, 1000]}, generator=generator)
+    return LoadedModel(card=ModelCard("radiomicgan", "B30", "B50", (-1024.0, 1000.0)), generator=generator)
 
 
 @pytest.mark.parametrize("shape", [(1, 37, 50), (2, 61, 19), (1, 5, 7)])
@@ -289,3 +289,33 @@ def test_malicious_pickle_in_a_model_folder_is_refused(tmp_path):
     with pytest.raises(ModelError, match="refused: the file holds Python objects or code"):
         load_model(tmp_path)
     assert not marker.exists()
+
+
+def test_model_card_format_round_trip_and_one_line_errors(tmp_path):
+    """radiomicgan-model/1: written, read back equal; unknown keys kept; every malformed card a one-line error."""
+    from radiomicgan.card import FORMAT, DataRecord, TrainingRecord, ValidationRecord
+
+    card = ModelCard("radiomicgan", "B30", "B50", (-1024.0, 1000.0), schedule="dwt", config={"th_eta": 2, "growing_share": 0.25,
+                     "th_acc": 0.5}, data=DataRecord("pairs/manifest.json", 2, 20, "held-out pair 'case002'"),
+                     architecture={"vgg_source": "random initialisation"}, window_scaling="fixed", final_window=(-1024.0, 255.0),
+                     window_history=[{"epoch": 0, "phase": "fixed", "lo": -1024.0, "hi": -769.0}],
+                     training=TrainingRecord(epochs=3, epochs_done=3, steps_done=30, status="completed"),
+                     validation=ValidationRecord(40.5, 38.25, 8, epoch=2))
+    card.write(tmp_path)
+    raw = json.loads((tmp_path / "model.json").read_text())
+    assert raw["format"] == FORMAT == "radiomicgan-model/1" and raw["hu_range"] == [-1024.0, 1000.0]
+    assert "validation" in raw and "closed_form" not in raw["training"]  # unset fields are left out
+    assert ModelCard.read(tmp_path) == card
+    text = (tmp_path / "MODEL_CARD.md").read_text()
+    assert "**B30** to **B50**" in text and "input 38.25 dB -> model 40.50 dB" in text and "at most 25% of the steps" in text
+    (tmp_path / "model.json").write_text(json.dumps({**raw, "from_a_later_version": {"x": 1}}))
+    again = ModelCard.read(tmp_path)
+    again.write(tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["from_a_later_version"] == {"x": 1}
+    for broken, message in (({**raw, "training": "yes"}, "malformed"), ({**raw, "final_window": [3, 1]}, "final_window"),
+                            ({**raw, "hu_range": [0]}, "hu_range"), ({**raw, "method": "unet"}, "not a radiomicgan-model/1 card"),
+                            ({**raw, "validation": {"psnr_db": 1.0}}, "malformed")):
+        (tmp_path / "model.json").write_text(json.dumps(broken))
+        with pytest.raises(ModelError, match=message) as info:
+            ModelCard.read(tmp_path)
+        assert "\n" not in str(info.value) and str(tmp_path / "model.json") in str(info.value)

@@ -691,29 +691,61 @@ def test_training_command_carries_the_panel_settings(tmp_path):
     assert "--growing-share" not in TrainingRun(tmp_path / "p", tmp_path / "m", TrainingSettings()).command()
 
 
-def test_panel_growing_share_default_is_the_cores():
-    """The panel always passes its fixed-growing share: its default must stay the core's measured one."""
-    import ast
+def _ui_widgets() -> dict:
+    """SlicerParameterName -> (widget class, its properties) in the Train panel's .ui."""
     import xml.etree.ElementTree as ET
 
     from helpers import REPO
 
-    from radiomicgan.train import TrainConfig
+    widgets = {}
+    for widget in ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui").iter("widget"):
+        props = {p.get("name"): p[0].text for p in widget.findall("property")}
+        if "SlicerParameterName" in props:
+            widgets[props["SlicerParameterName"]] = (widget.get("class"), props)
+    return widgets
 
-    source = (REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text()
-    wrapper = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
-    default = next(item.value for item in wrapper.body if isinstance(item, ast.AnnAssign) and item.target.id == "growingShare")
-    spin = next(w for w in ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui").iter("widget")
-                if w.get("name") == "growingShareSpinBox")
-    props = {p.get("name"): p[0].text for p in spin.findall("property")}
-    assert ast.literal_eval(default) == float(props["value"]) == TrainConfig().growing_share
-    assert "growingShare=p.growingShare" in source
+
+def test_panel_fields_and_command_line_options_come_from_one_list():
+    """Every training field of the panel is a setting of radiomicgan.settings, with the command line's default,
+    range and choices; the .ui's spin boxes agree; what the panel passes parses back to the same values."""
+    from RadiomicGANLib.training import panel_parameters
+
+    from radiomicgan.cli import build_parser
+    from radiomicgan.settings import BY_NAME, PANEL_SETTINGS, SETTINGS, TrainConfig
+
+    defaults = build_parser().parse_args(["train", "--pairs", "p", "--out", "o"])
+    assert [f.name for f in __import__("dataclasses").fields(TrainConfig)] == [s.name for s in SETTINGS]
+    for s in SETTINGS:  # every setting on the command line but the two internal ones, with its default
+        assert (hasattr(defaults, s.name) and getattr(defaults, s.name) == (list(s.default) if s.kind is tuple else s.default)) == s.cli
+    fields = panel_parameters()
+    assert [name for name, *_ in fields] == [s.panel for s in PANEL_SETTINGS]
+    widgets = _ui_widgets()
+    assert {name for name, *_ in fields} - set(widgets) == {"device"}  # each has its widget; the device list is the widget's
+    panel_values = {}
+    for (name, kind, default, bounds), s in zip(fields, PANEL_SETTINGS):
+        if s.choices:
+            assert bounds == s.choices and default in s.choices
+        elif kind in (int, float):
+            widget_class, props = widgets[name]
+            assert widget_class == ("QSpinBox" if kind is int else "QDoubleSpinBox")
+            assert float(props["value"]) == default and float(props["minimum"]) == bounds[0] == (s.minimum or 0)
+            assert float(props["maximum"]) == bounds[1] and (s.maximum is None or bounds[1] == s.maximum)
+            if s.default is not None:
+                assert default == s.default == getattr(defaults, s.name)
+        panel_values[s.name] = default if kind is not float or default else None
+    panel_values.update(method="pix2pix", schedule="none", epochs=7, th_acc=0.625, lr=3e-4)
+    args = build_parser().parse_args(["train", "--pairs", "p", "--out", "o", *TrainingSettings(**panel_values).arguments()])
+    assert {name: getattr(args, name) for name in panel_values} == panel_values
+    with pytest.raises(TypeError, match="unknown training setting 'epoch'"):
+        TrainingSettings(epoch=3)
+    with pytest.raises(ValueError, match="must be in"):
+        TrainingSettings(th_fail=1.5)
+    assert BY_NAME["growing_start"].default == -769.0 and not BY_NAME["growing_start"].panel  # the paper's start, a setting
 
 
 def test_panel_learning_rate_default_means_the_methods_own(tmp_path):
     """The panel's learning rate 0 ("method default") passes no --lr: Choe trained from it gets its published 1e-4
     (in the written model card), RadiomicGAN 2e-4; a value the user set is passed as is."""
-    import ast
     import xml.etree.ElementTree as ET
 
     from helpers import REPO
@@ -721,11 +753,9 @@ def test_panel_learning_rate_default_means_the_methods_own(tmp_path):
     from radiomicgan.cli import build_parser
     from radiomicgan.simulate import simulate_phantom_pairs
 
-    source = (REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text()
-    wrapper = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
-    default = next(item.value for item in wrapper.body if isinstance(item, ast.AnnAssign) and item.target.id == "learningRate")
-    assert ast.literal_eval(default) == 0.0
-    assert "learningRate=p.learningRate or None" in source  # the panel's 0 reaches the logic as "not set"
+    from RadiomicGANLib.training import panel_parameters
+
+    assert next(default for name, _, default, _ in panel_parameters() if name == "learningRate") == 0.0
     spin = next(w for w in ET.parse(REPO / "RadiomicGANTrain" / "Resources" / "UI" / "RadiomicGANTrain.ui").iter("widget")
                 if w.get("name") == "learningRateSpinBox")
     props = {p.get("name"): p[0].text for p in spin.findall("property")}
@@ -763,9 +793,11 @@ def test_every_bound_widget_has_a_parameter_of_a_connectable_type():
 
     from helpers import REPO
 
+    from RadiomicGANLib.training import panel_parameters
+
     tree = ast.parse((REPO / "RadiomicGANTrain" / "RadiomicGANTrain.py").read_text())
     wrapper = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "RadiomicGANTrainParameterNode")
-    fields = {}
+    fields = {name: kind.__name__ for name, kind, _, _ in panel_parameters()}  # the settings, added by _withTrainingSettings
     for item in wrapper.body:
         if isinstance(item, ast.AnnAssign):
             annotation = item.annotation
