@@ -642,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
 
         watch_stdin_for_stop()
     try:
-        return args.func(args)
+        from .lock import command_lock
+
+        with command_lock(args.command, args):  # a second run on an output in use is refused (radiomicgan.lock)
+            return args.func(args)
     except RadiomicGANError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE

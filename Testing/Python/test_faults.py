@@ -1,0 +1,120 @@
+"""Faults a user hits on purpose (issue 20): two runs on one output, a resume whose folder is damaged or whose
+settings changed, pairs of different sizes, odd DICOM/NRRD headers. Each ends in one line and exit status 2 (or a
+warning where the result is still right), never a traceback and never a silently wrong result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import REPO, ramp_volume
+
+from radiomicgan.cli import main
+from radiomicgan.lock import OutputLock, lock_path
+from radiomicgan.simulate import simulate_phantom_pairs
+from radiomicgan.train import TrainConfig, train
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err, *names) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if "warning:" not in line]
+    assert code == 2 and len(lines) == 1, (code, err)
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    simulate_phantom_pairs(root / "pairs", cases=2, size=16, slices=3, seed=2)
+    simulate_phantom_pairs(root / "pairs32", cases=2, size=32, slices=1, seed=2)
+    train(root / "pairs", root / "filter", TrainConfig(method="filter", schedule="none", val_slices=1), progress=False)
+    image = sitk.GetImageFromArray(ramp_volume(3, 16, 16).astype(np.int16))
+    sitk.WriteImage(image, str(root / "vol.nrrd"))
+    return root
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------- item 2: one run per output
+
+
+def test_two_trains_started_together_on_one_folder_one_refuses(data, tmp_path):
+    out = tmp_path / "model"
+    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+            "--crop", "32", "--vgg-weights", "random", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
+            "--device", "cpu", "--val-slices", "1", "--stop-on-stdin"]
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for _ in range(2)]
+    try:
+        # the loser refuses at once; the winner trains on (100000 steps) until told to stop
+        deadline = time.monotonic() + 240
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        err = loser.stderr.read()
+        assert loser.returncode == 2 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and "another train run is writing there" in err, err
+        assert winner.poll() is None  # still training: the lock is held for the whole run
+        winner.stdin.write("stop\n")
+        winner.stdin.flush()
+        winner.wait(timeout=240)
+        assert winner.returncode == 130, winner.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not lock_path(out).exists()  # a finished run leaves only its output
+
+
+def test_a_killed_run_leaves_no_output_locked(data, tmp_path, capsys):
+    out = tmp_path / "o.nrrd"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom radiomicgan.lock import OutputLock\n"
+                               f"with OutputLock({str(out)!r}, 'harmonize run'):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run(["harmonize", data / "vol.nrrd", "--model", data / "filter", "--out", out], capsys)
+        one_error_line(code, err, out, "another harmonize run")
+        assert not out.exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert lock_path(out).exists()  # left by the killed run, but not held: the OS released it
+    code, _, err = run(["harmonize", data / "vol.nrrd", "--model", data / "filter", "--out", out], capsys)
+    assert code == 0 and out.is_file(), err
+
+
+def test_evaluate_and_train_outputs_in_use_refused(data, tmp_path, capsys):
+    with OutputLock(tmp_path / "report", "evaluate run"):
+        code, _, err = run(["evaluate", "--reference", data / "vol.nrrd", "--candidate", f"a={data / 'vol.nrrd'}",
+                            "--out", tmp_path / "report"], capsys)
+    one_error_line(code, err, "report", "another evaluate run")
+    with OutputLock(tmp_path / "m", "train run"):
+        code, _, err = run(["train", "--pairs", data / "pairs", "--out", tmp_path / "m", "--method", "filter"], capsys)
+    one_error_line(code, err, "another train run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no lock file left behind
