@@ -287,14 +287,11 @@ def train(
         raise
 
 
-def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:
+def _prepare_output(out: Path, resume: bool, config: TrainConfig, kernels=(None, None)) -> None:
     if resume:
-        if not (out / CHECKPOINT_NAME).is_file() or not (out / CARD_NAME).is_file():
-            raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
-        previous = json.loads((out / CARD_NAME).read_text())
-        for key in ("method", "schedule"):
-            if previous.get(key) != getattr(config, key):
-                raise TrainingError(f"{out}: was trained with {key} '{previous.get(key)}', not '{getattr(config, key)}'; cannot resume")
+        from .resume import check_resume
+
+        check_resume(out, config, kernels)  # a damaged folder, other settings or kernel direction: one line
     elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
         raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +348,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
     device = dist.device
     try:
         if dist.main:
-            _prepare_output(out, resume, config)
+            _prepare_output(out, resume, config, manifest.kernels)
         train_set, val, val_label = _split(manifest, config.val_slices)
         sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
         for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
@@ -394,15 +391,21 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
         best = {"psnr_db": -np.inf, "epoch": None}
 
         if resume:
-            state = safe_load(out / CHECKPOINT_NAME)
-            generator.load_state_dict(state["generator"])
-            opt_g.load_state_dict(state["opt_g"])
+            from .resume import load_checkpoint, restore
+
+            path = out / CHECKPOINT_NAME
+            state = load_checkpoint(out, discriminator is not None)
+            restore(path, "generator", generator, state["generator"])
+            restore(path, "generator optimizer", opt_g, state["opt_g"])
             if discriminator is not None:
-                discriminator.load_state_dict(state["discriminator"])
-                opt_d.load_state_dict(state["opt_d"])
-            schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
-                                         "window": tuple(state["schedule"]["window"])})
-            start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+                restore(path, "discriminator", discriminator, state["discriminator"])
+                restore(path, "discriminator optimizer", opt_d, state["opt_d"])
+            try:
+                schedule = WindowSchedule(**{**state["schedule"], "hu_range": tuple(state["schedule"]["hu_range"]),
+                                             "window": tuple(state["schedule"]["window"])})
+                start_epoch, steps_done = int(state["epoch"]), int(state["steps_done"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainingError(f"{path}: cannot resume: its window schedule or epoch is damaged ({exc!r:.120})") from None
             best = state.get("best", best)
             sampler.rng = np.random.default_rng([config.seed + 1000 * dist.rank, start_epoch])
             torch.manual_seed(config.seed + start_epoch)

@@ -118,3 +118,40 @@ def test_evaluate_and_train_outputs_in_use_refused(data, tmp_path, capsys):
         code, _, err = run(["train", "--pairs", data / "pairs", "--out", tmp_path / "m", "--method", "filter"], capsys)
     one_error_line(code, err, "another train run")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no lock file left behind
+
+
+# ---------------------------------------------------------------------------------------------- items 3, 5, 6: resume
+
+
+@pytest.fixture(scope="module")
+def run_folder(data, tmp_path_factory) -> Path:
+    """A tiny RadiomicGAN run of one epoch (random VGG, 32x32, one step): something to resume."""
+    out = tmp_path_factory.mktemp("run") / "m"
+    code = main([str(a) for a in ["train", "--pairs", data / "pairs32", "--out", out, "--crop", 32, "--vgg-weights", "random",
+                                  "--epochs", 1, "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1]])
+    assert code == 0 and (out / "checkpoint.pt").is_file()
+    return out
+
+
+def resume_argv(data, out, *extra) -> list:
+    return ["train", "--pairs", data / "pairs32", "--out", out, "--crop", 32, "--vgg-weights", "random", "--epochs", 2,
+            "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1, "--resume", *extra]
+
+
+@pytest.fixture
+def copy_run(run_folder, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(run_folder, out)
+    return out
+
+
+def test_resume_without_model_json_names_the_missing_card(data, copy_run, capsys):
+    (copy_run / "model.json").unlink()
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    line = one_error_line(code, err, "model.json is missing")
+    assert "no checkpoint.pt" not in line
+    (copy_run / "checkpoint.pt").unlink()
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    one_error_line(code, err, "nothing to resume (no checkpoint.pt)")
