@@ -235,6 +235,22 @@ def _split(manifest: Manifest, val_slices: int) -> tuple[Manifest, list[tuple[np
     return train, slices[::step][:val_slices], label
 
 
+def _check_pair_sizes(manifest: Manifest, train_set: Manifest, sampler: SliceSampler, val, method: str) -> None:
+    """Every pair, the held-out one included (validated and Grad-CAM-sampled on whole slices), against the network's
+    minimum slice size, before any step: a smaller pair is named instead of failing deep inside instance norm."""
+    if method not in ("radiomicgan", "pix2pix"):
+        return
+    sizes = [(pair, source.shape[1:]) for pair, (source, _) in zip(train_set.pairs, sampler.volumes)]
+    held = [p for p in manifest.pairs if p not in train_set.pairs]
+    sizes += [(held[0], val[0][0].shape)] if held and val else []
+    for pair, (rows, cols) in sizes:
+        if min(rows, cols) < MIN_GAN_CROP:
+            role = "held-out pair" if pair in held else "pair"
+            raise TrainingError(f"{pair.source}: {role} '{pair.id}' has slices of {rows}x{cols} pixels; {method} needs at least "
+                                f"{MIN_GAN_CROP}x{MIN_GAN_CROP} (smaller, its discriminator shrinks to 1x1); remove the pair or "
+                                "give it at a larger size")
+
+
 def _versions() -> dict:
     import torch
     import torchvision
@@ -351,10 +367,7 @@ def _train_network(manifest, out, config, resume, progress, cancel_file, on_epoc
             _prepare_output(out, resume, config, manifest.kernels)
         train_set, val, val_label = _split(manifest, config.val_slices)
         sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
-        for source, _ in sampler.volumes if config.method in ("radiomicgan", "pix2pix") else ():
-            if min(source.shape[1:]) < MIN_GAN_CROP:
-                raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
-                                    f"at least {MIN_GAN_CROP}x{MIN_GAN_CROP} (smaller, its discriminator shrinks to 1x1)")
+        _check_pair_sizes(manifest, train_set, sampler, val, config.method)
         spacing = sampler.volumes[0][0].spacing[:2]
         torch.manual_seed(config.seed)
 

@@ -155,3 +155,23 @@ def test_resume_without_model_json_names_the_missing_card(data, copy_run, capsys
     (copy_run / "checkpoint.pt").unlink()
     code, _, err = run(resume_argv(data, copy_run), capsys)
     one_error_line(code, err, "nothing to resume (no checkpoint.pt)")
+
+
+# ---------------------------------------------------------------------------------------------- item 4: pair sizes
+
+
+def test_pairs_of_different_sizes_name_the_small_pair_before_training(data, tmp_path, capsys):
+    import json
+
+    simulate_phantom_pairs(tmp_path / "small", cases=1, size=16, slices=1, seed=3)
+    manifest = json.loads((data / "pairs32" / "manifest.json").read_text())
+    small = json.loads((tmp_path / "small" / "manifest.json").read_text())["pairs"][0]
+    small = {**small, "id": "tiny", **{k: str(tmp_path / "small" / small[k]) for k in ("source", "target", "labels")}}
+    manifest["pairs"] = [{**p, **{k: str(data / "pairs32" / p[k]) for k in ("source", "target", "labels")}} for p in manifest["pairs"]]
+    for where, pairs in (("held out", manifest["pairs"] + [small]), ("trained on", [manifest["pairs"][0], small, manifest["pairs"][1]])):
+        (tmp_path / "mixed.json").write_text(json.dumps({**manifest, "pairs": pairs}))
+        code, _, err = run(["train", "--pairs", tmp_path / "mixed.json", "--out", tmp_path / "m", "--crop", 32, "--vgg-weights",
+                            "random", "--epochs", 1, "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1],
+                           capsys)
+        one_error_line(code, err, "'tiny'", "16x16", "32x32")
+        assert not (tmp_path / "m").exists(), where
