@@ -81,7 +81,72 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, check_hu
     return volume
 
 
+GZIP_MAX_RATIO = 1100  # deflate cannot compress more than about 1032:1: a file that claims more is damaged
+
+
+def _header_fields(p: Path, separator: str) -> dict[str, str]:
+    """Key/value lines of an NRRD (``key: value``) or MetaImage (``Key = Value``) header, keys lower-case."""
+    with open(p, "rb") as fh:
+        head = fh.read(65536).decode("latin-1")
+    head = head.split("\n\n", 1)[0] if separator == ":" else head
+    fields = {}
+    for line in head.splitlines():
+        key, sep, value = line.partition(separator)
+        if sep and not line.startswith("#"):
+            fields.setdefault(key.strip().lower(), value.strip())
+        if separator == "=" and key.strip().lower() == "elementdatafile":
+            break  # the pixels follow this line
+    return fields
+
+
+def _data_bytes_and_ratio(p: Path, suffix: str) -> tuple[int, float] | None:
+    """(bytes holding the pixels, most bytes of pixels each can decode to) for an image file, None when unknown."""
+    if suffix in (".nii", ".nii.gz"):
+        return p.stat().st_size, (1.0 if suffix == ".nii" else GZIP_MAX_RATIO)
+    if suffix in (".nrrd", ".nhdr"):
+        fields = _header_fields(p, ":")
+        encoding = fields.get("encoding", "raw").lower()
+        ratio = {"raw": 1.0, "gzip": GZIP_MAX_RATIO, "gz": GZIP_MAX_RATIO, "hex": 0.5}.get(encoding)
+        data = fields.get("data file") or fields.get("datafile")
+    else:
+        fields = _header_fields(p, "=")
+        ratio = GZIP_MAX_RATIO if fields.get("compresseddata", "false").lower() == "true" else 1.0
+        data = fields.get("elementdatafile")
+        data = None if data and data.upper() == "LOCAL" else data
+    if ratio is None:
+        return None  # bzip2, text: no useful bound
+    if data:
+        if " " in data or "%" in data or data.upper().startswith("LIST"):
+            return None  # several data files
+        data_path = p.parent / data
+        return (data_path.stat().st_size, ratio) if data_path.is_file() else None
+    return p.stat().st_size, ratio
+
+
+def check_declared_image_size(p: Path) -> None:
+    """The voxels an image header declares against the bytes the file holds, before any pixel is read: a damaged
+    header declaring 12000 x 12000 x 16 over 200 bytes is refused at once instead of allocating gigabytes."""
+    suffix = image_suffix(p)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        known = _data_bytes_and_ratio(p, suffix)
+    except (RuntimeError, OSError, UnicodeError):
+        return  # reading reports it
+    if known is None:
+        return
+    size = [int(n) for n in reader.GetSize()]
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).itemsize
+    declared = int(np.prod(size, dtype=np.float64)) * int(reader.GetNumberOfComponents()) * itemsize
+    available, ratio = known
+    if declared > available * ratio:
+        raise CTInputError(f"{p}: the header declares {' x '.join(map(str, size))} voxels ({declared / 2**20:.0f} MiB) but the file "
+                           f"holds {available} bytes; a damaged header or a truncated file")
+
+
 def _read_image_file(p: Path) -> tuple[CTVolume, str]:
+    check_declared_image_size(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -226,6 +291,7 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
         step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
         origin = np.asarray([float(v) for v in first.get("ImagePositionPatient", [0.0, 0.0, 0.0])])
 
+    check_declared_pixels(files)  # before the allocation: a header may declare gigabytes over a few bytes
     hu = np.empty((len(files), int(first.Rows), int(first.Columns)), dtype=np.float32)
     for k, (path, ds) in enumerate(files):
         hu[k] = _slice_hu(path, ds)
@@ -258,8 +324,52 @@ def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
     iop = ds.get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
         return np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
-    v = np.asarray([float(x) for x in iop])
-    return v[:3] / np.linalg.norm(v[:3]), v[3:] / np.linalg.norm(v[3:])
+    try:
+        v = np.asarray([float(x) for x in iop])
+    except (TypeError, ValueError):
+        raise CTInputError(f"{path}: ImageOrientationPatient {list(iop)} is not six numbers") from None
+    row, col = v[:3], v[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    if not np.all(np.isfinite(v)) or min(norms) < 1e-6:
+        raise CTInputError(f"{path}: ImageOrientationPatient {list(iop)} has a zero or invalid direction")
+    row, col = row / norms[0], col / norms[1]
+    if abs(float(row @ col)) > ORTHOGONALITY_TOLERANCE:
+        raise CTInputError(f"{path}: ImageOrientationPatient row and column directions are not perpendicular "
+                           f"(angle {np.degrees(np.arccos(np.clip(row @ col, -1, 1))):.1f} degrees); the slice has no plane")
+    return row, col
+
+
+def _pixel_bytes(ds: Dataset) -> int:
+    """The length of PixelData, read from the element's header when its value is deferred (not loaded)."""
+    element = ds.get_item(0x7FE00010)
+    length = getattr(element, "length", None)
+    if getattr(element, "value", None) is None and isinstance(length, int) and length != 0xFFFFFFFF:
+        return length
+    return len(ds.PixelData)
+
+
+ORTHOGONALITY_TOLERANCE = 1e-3  # cosine of the angle between the row and column directions (DICOM: perpendicular)
+
+
+def check_declared_pixels(files: list[tuple[Path, Dataset]]) -> None:
+    """Rows x Columns x BitsAllocated of each uncompressed slice against the pixel bytes the file holds, before any
+    memory is allocated for the volume; a compressed slice is checked when decoded."""
+    for path, ds in files:
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        except (AttributeError, TypeError, ValueError):
+            raise CTInputError(f"{path}: Rows, Columns or BitsAllocated missing or not numbers") from None
+        if rows < 1 or cols < 1:
+            raise CTInputError(f"{path}: Rows x Columns {rows} x {cols}; no pixels")
+        transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if hasattr(ds, "file_meta") else ExplicitVRLittleEndian
+        if _is_compressed(transfer_syntax) or "PixelData" not in ds:
+            continue
+        expected, found = rows * cols * samples * bits // 8, _pixel_bytes(ds)
+        if found < expected:
+            raise CTInputError(f"{path}: the header declares {rows} x {cols} pixels ({expected} bytes) but the pixel data holds "
+                               f"{found} bytes; truncated or corrupt (or a damaged header)")
 
 
 def _slice_hu(path: Path, ds: Dataset) -> np.ndarray:

@@ -33,7 +33,7 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def one_error_line(code, err, *names) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if "warning:" not in line]
+    lines = [line for line in err.strip().splitlines() if "warning:" not in line and "randomly initialised" not in line]
     assert code == 2 and len(lines) == 1, (code, err)
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
@@ -175,3 +175,71 @@ def test_pairs_of_different_sizes_name_the_small_pair_before_training(data, tmp_
                            capsys)
         one_error_line(code, err, "'tiny'", "16x16", "32x32")
         assert not (tmp_path / "m").exists(), where
+
+
+# ---------------------------------------------------------------------------------------------- item 6: damaged input
+
+
+def test_resume_on_a_damaged_run_folder_is_one_line(data, copy_run, capsys):
+    import torch
+
+    card, checkpoint = copy_run / "model.json", copy_run / "checkpoint.pt"
+    good_card, state = card.read_bytes(), torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for text, expected in (("{not json", "not valid JSON"), ("[1, 2]", "a JSON list")):
+        card.write_text(text)
+        code, _, err = run(resume_argv(data, copy_run), capsys)
+        one_error_line(code, err, "model.json", expected)
+    card.write_bytes(good_card)
+    broken = {"empty": None, "key-less": {}, "a list": [1, 2],
+              "another shape": {**state, "generator": {k: (v[..., :1] if v.ndim == 4 and i == 0 else v)
+                                                        for i, (k, v) in enumerate(state["generator"].items())}}}
+    for what, content in broken.items():
+        if content is None:
+            checkpoint.write_bytes(b"")
+        else:
+            torch.save(content, checkpoint)
+        code, _, err = run(resume_argv(data, copy_run), capsys)
+        one_error_line(code, err, "checkpoint.pt", "cannot resume")
+    assert card.read_bytes() == good_card  # the folder is left as it was found
+
+
+def test_headers_declaring_more_pixels_than_the_file_holds_are_refused_before_reading(data, tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    header = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 12000 12000 16\nspacings: 1 1 1\nencoding: %s\nendian: little\n\n"
+    for encoding in (b"raw", b"gzip"):
+        path = tmp_path / f"huge_{encoding.decode()}.nrrd"
+        path.write_bytes(header % encoding + bytes(200))
+        for argv in (["info", path], ["harmonize", path, "--model", data / "filter", "--out", tmp_path / "o.nrrd"]):
+            code, _, err = run(argv, capsys)
+            one_error_line(code, err, path, "declares 12000 x 12000 x 16")
+    ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1)
+    ds.Rows = ds.Columns = 65535
+    (tmp_path / "series").mkdir()
+    save_dataset(ds, tmp_path / "series" / "s.dcm")
+    for path in (tmp_path / "series" / "s.dcm", tmp_path / "series"):
+        code, _, err = run(["info", path], capsys)
+        one_error_line(code, err, "s.dcm", "declares 65535 x 65535")
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_a_slice_whose_row_and_column_directions_coincide_is_refused(tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    for k, orientation in enumerate([(1, 0, 0, 1, 0, 0), (1, 0, 0, 0, 0, 0), (0, 1, 0, 0, 0.9999999, 0.0001)]):
+        ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1,
+                             orientation=orientation)
+        save_dataset(ds, tmp_path / f"s{k}.dcm")
+        code, _, err = run(["info", tmp_path / f"s{k}.dcm"], capsys)
+        one_error_line(code, err, f"s{k}.dcm", "ImageOrientationPatient")
+
+
+def test_calibrate_crops_under_16_pixels_say_the_minimum(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for n in (8, 15):
+        paths = []
+        for kernel in ("B30", "B50"):
+            paths.append(tmp_path / f"{kernel}_{n}.nrrd")
+            sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 50, (3, n, n)).astype(np.int16)), str(paths[-1]))
+        code, out, err = run(["calibrate", f"B30={paths[0]}", f"B50={paths[1]}", "--fit"], capsys)
+        one_error_line(code, err, f"{n}x{n}", "16x16")
