@@ -260,6 +260,7 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
     row_dir, col_dir = _orientation(first, first_path)
     normal = np.cross(row_dir, col_dir)
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    _warn_missing_geometry(source, first)
 
     if len(files) > 1:
         positions = []
@@ -287,9 +288,11 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
                 "missing slices or a variable-spacing series"
             )
         origin = positions[order[0]]
+        slice_positions = _in_plane_offsets(source, [positions[i] for i in order], normal, step)
     else:
         step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
         origin = np.asarray([float(v) for v in first.get("ImagePositionPatient", [0.0, 0.0, 0.0])])
+        slice_positions = None
 
     check_declared_pixels(files)  # before the allocation: a header may declare gigabytes over a few bytes
     hu = np.empty((len(files), int(first.Rows), int(first.Columns)), dtype=np.float32)
@@ -317,7 +320,33 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
         meta=meta,
         source=source,
         dicom_template=template,
+        slice_positions=slice_positions,
     )
+
+
+def _warn_missing_geometry(source: str, first: Dataset) -> None:
+    """Geometry the header does not give is assumed, and said: distances, ROI sizes in mm and the kernel's
+    frequency response depend on the pixel spacing."""
+    if "PixelSpacing" not in first:
+        warnings.warn(f"{source}: no PixelSpacing; pixels taken as 1 x 1 mm (sizes in mm and frequencies are wrong if not)")
+    if "ImageOrientationPatient" not in first:
+        warnings.warn(f"{source}: no ImageOrientationPatient; slices taken as axial (rows along x, columns along y)")
+
+
+def _in_plane_offsets(source: str, positions: list[np.ndarray], normal: np.ndarray, step: float):
+    """The slices' own positions when they do not lie on one line along the slice normal (a gantry-tilted series, a
+    slice shifted in-plane), else None. A DICOM output keeps them, so the result overlays the input; an image file
+    (NRRD, NIfTI) cannot hold them and stacks the slices along the normal, which the warning says."""
+    first = positions[0]
+    offsets = [(p - first) - float((p - first) @ normal) * normal for p in positions]
+    largest = max(float(np.linalg.norm(o)) for o in offsets)
+    if largest <= max(SPACING_TOLERANCE_MM, 0.01 * step):
+        return None
+    tilt = np.degrees(np.arctan2(float(np.linalg.norm(offsets[-1])), float((positions[-1] - first) @ normal)))
+    warnings.warn(f"{source}: slices offset in-plane by up to {largest:.2f} mm along the series (gantry tilt of about "
+                  f"{tilt:.1f} degrees, or a shifted slice); a DICOM output keeps each slice's position, an image file "
+                  "(NRRD, NIfTI) stacks the slices along the slice normal and will not overlay the input")
+    return tuple(tuple(float(v) for v in p) for p in positions)
 
 
 def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -632,6 +661,8 @@ def write_dicom_series(
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = k + 1
             position = np.asarray(volume.origin) + k * sz * normal
+            if volume.slice_positions is not None and len(volume.slice_positions) == pixels.shape[0]:
+                position = np.asarray(volume.slice_positions[k])  # a tilted series keeps its slices' positions
             ds.ImagePositionPatient = [_ds(v) for v in position]
             ds.SliceLocation = _ds(float(position @ normal))
             ds.PixelData = pixels[k].tobytes()

@@ -178,11 +178,12 @@ def load_model(folder: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (a JSON {type(card).__name__}, not an object)")
     if card.get("format") != MODEL_FORMAT or card.get("method") not in METHODS:
         raise ModelError(f"{card_path}: not a {MODEL_FORMAT} card (format {card.get('format')!r}, method {card.get('method')!r})")
-    hu_range = card.get("hu_range", STANDARD_RANGE)
-    if not (isinstance(hu_range, (list, tuple)) and len(hu_range) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in hu_range)
-            and hu_range[0] < hu_range[1]):
-        raise ModelError(f"{card_path}: hu_range must be two numbers [LO, HI] with LO < HI, not {json.dumps(hu_range)}")
+    for key in ("hu_range", "inference_window"):  # an inverted window would harmonize nothing, silently
+        value = card.get(key, STANDARD_RANGE)
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+                and value[0] < value[1]):
+            raise ModelError(f"{card_path}: {key} must be two numbers [LO, HI] with LO < HI, not {json.dumps(value)}")
     if not (folder / WEIGHTS_NAME).is_file():
         raise ModelError(f"{folder}: no {WEIGHTS_NAME}")
     state = safe_load(folder / WEIGHTS_NAME)

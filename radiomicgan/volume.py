@@ -52,6 +52,9 @@ class CTVolume:
     dicom_template: Any = None
     # 2 for a single-slice 2D image file: written back as 2D (dimension, size, spacing, direction kept).
     image_dimension: int = 3
+    # Each slice's ImagePositionPatient when a DICOM series' slices do not lie on one line along the normal (gantry
+    # tilt): a derived DICOM series keeps them (see radiomicgan.io); None otherwise.
+    slice_positions: Any = None
 
     def __post_init__(self) -> None:
         hu = np.asarray(self.hu)

@@ -243,3 +243,95 @@ def test_calibrate_crops_under_16_pixels_say_the_minimum(tmp_path, capsys):
             sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 50, (3, n, n)).astype(np.int16)), str(paths[-1]))
         code, out, err = run(["calibrate", f"B30={paths[0]}", f"B50={paths[1]}", "--fit"], capsys)
         one_error_line(code, err, f"{n}x{n}", "16x16")
+
+
+# ---------------------------------------------------------------------------------------------- item 5: silent wrong results
+
+
+def _positions(folder: Path) -> dict[int, np.ndarray]:
+    import pydicom
+
+    found = {}
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        found[int(ds.InstanceNumber)] = np.array([float(v) for v in ds.ImagePositionPatient])
+    return found
+
+
+def test_a_gantry_tilted_series_keeps_its_slice_positions(data, tmp_path, capsys):
+    from helpers import write_ct_series
+
+    tilt = np.radians(20)
+    positions = [(-100.0, -120.0, 50.0 + 5.0 * k) for k in range(4)]  # the table moves 5 mm; the slice plane is tilted
+    write_ct_series(tmp_path / "tilted", ramp_volume(4, 16, 16), positions=positions,
+                    orientation=(1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)))
+    with pytest.warns(UserWarning, match="gantry tilt of about 20"):
+        code, _, err = run(["harmonize", tmp_path / "tilted", "--model", data / "filter", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    before, after = _positions(tmp_path / "tilted"), _positions(tmp_path / "out")
+    assert sorted(before) == sorted(after)
+    for k in before:  # the result overlays the input slice by slice
+        assert np.allclose(before[k], after[k], atol=0.01), (k, before[k], after[k])
+    with pytest.warns(UserWarning, match="will not overlay"):  # an image file cannot hold the tilt: said, not silent
+        code, _, err = run(["harmonize", tmp_path / "tilted", "--model", data / "filter", "--out", tmp_path / "o.nrrd"], capsys)
+    assert code == 0, err
+
+
+def test_missing_pixel_spacing_or_orientation_is_said(tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1)
+    del ds.PixelSpacing
+    del ds.ImageOrientationPatient
+    save_dataset(ds, tmp_path / "s.dcm")
+    with pytest.warns(UserWarning) as caught:
+        code, _, err = run(["info", tmp_path / "s.dcm"], capsys)
+    said = " ".join(str(w.message) for w in caught)
+    assert code == 0 and "no PixelSpacing; pixels taken as 1 x 1 mm" in said and "no ImageOrientationPatient" in said, said
+
+
+def test_resume_with_other_settings_or_reversed_pairs_is_refused(data, copy_run, tmp_path, capsys):
+    import json
+
+    card = (copy_run / "model.json").read_text()
+    for extra, expected in ((["--hu-range", -1000, 1000], "hu_range"), (["--window-scaling", "window"], "window_scaling")):
+        code, _, err = run(resume_argv(data, copy_run, *extra), capsys)
+        one_error_line(code, err, expected, "cannot resume")
+    manifest = json.loads((data / "pairs32" / "manifest.json").read_text())
+    reversed_pairs = [{**p, "source": str(data / "pairs32" / p["target"]), "target": str(data / "pairs32" / p["source"]),
+                       "labels": str(data / "pairs32" / p["labels"]), "source_kernel": p["target_kernel"],
+                       "target_kernel": p["source_kernel"]} for p in manifest["pairs"]]
+    (tmp_path / "reversed.json").write_text(json.dumps({**manifest, "pairs": reversed_pairs}))
+    argv = resume_argv(data, copy_run)
+    argv[argv.index("--pairs") + 1] = tmp_path / "reversed.json"
+    code, _, err = run(argv, capsys)
+    one_error_line(code, err, "from B30 to B50", "cannot resume")
+    assert (copy_run / "model.json").read_text() == card  # the card is not rewritten
+
+
+def test_evaluate_labels_given_the_ct_itself_is_refused(data, tmp_path, capsys):
+    vol = data / "vol.nrrd"
+    code, _, err = run(["evaluate", "--reference", vol, "--candidate", f"a={vol}", "--out", tmp_path / "r", "--labels", vol], capsys)
+    one_error_line(code, err, "vol.nrrd", "not a label map")
+    assert not (tmp_path / "r").exists()
+
+
+def test_simulate_pairs_from_scans_of_two_kernels_is_refused(tmp_path, capsys):
+    simulate_phantom_pairs(tmp_path / "scans", cases=1, size=16, slices=3, seed=2)  # a B30 scan and a B50 scan
+    for extra in (tmp_path / "scans" / "manifest.json", tmp_path / "scans" / "case000_labels.nrrd"):
+        extra.unlink()
+    code, _, err = run(["simulate", "--from", tmp_path / "scans", "--kernel", "B70", "--pairs", tmp_path / "pairs"], capsys)
+    one_error_line(code, err, "one manifest learns one direction")
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_a_card_whose_inference_window_is_inverted_is_refused(data, tmp_path, capsys):
+    import json
+    import shutil
+
+    shutil.copytree(data / "filter", tmp_path / "model")
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    (tmp_path / "model" / "model.json").write_text(json.dumps({**card, "inference_window": [1000, -1024]}))
+    code, _, err = run(["harmonize", data / "vol.nrrd", "--model", tmp_path / "model", "--out", tmp_path / "o.nrrd"], capsys)
+    one_error_line(code, err, "inference_window", "LO < HI")
+    assert not (tmp_path / "o.nrrd").exists()
