@@ -205,6 +205,7 @@ def cmd_info(args) -> int:
         "source": volume.source,
         "shape_zyx": list(volume.shape),
         "spacing_xyz_mm": list(volume.spacing),
+        "spacing_z_from": volume.spacing_z_from or None,  # a lone DICOM slice: see the README's reader notes
         "origin_xyz_mm": list(volume.origin),
         "direction": list(volume.direction),
         "hu_min": float(np.min(volume.hu)),

@@ -11,6 +11,7 @@ renamed into place when complete, and an existing output is only replaced when a
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import shutil
 import uuid
@@ -289,8 +290,9 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
             )
         origin = positions[order[0]]
         slice_positions = _in_plane_offsets(source, [positions[i] for i in order], normal, step)
+        spacing_z_from = "slice positions"
     else:
-        step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
+        step, spacing_z_from = single_slice_spacing(source, first)
         origin = np.asarray([float(v) for v in first.get("ImagePositionPatient", [0.0, 0.0, 0.0])])
         slice_positions = None
 
@@ -321,7 +323,23 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
         source=source,
         dicom_template=template,
         slice_positions=slice_positions,
+        spacing_z_from=spacing_z_from,
     )
+
+
+def single_slice_spacing(source: str, ds: Dataset) -> tuple[float, str]:
+    """The z spacing of a lone slice, which has no neighbour to measure it from: SpacingBetweenSlices when given,
+    else SliceThickness (the slab the slice stands for, so a volume or an ROI in mm keeps its physical depth; SimpleITK
+    takes 1 mm here), else 1 mm with a warning. A DICOM output writes both tags, so every reader agrees on it."""
+    for tag in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(ds.get(tag, 0) or 0)
+        except (TypeError, ValueError):
+            value = 0.0
+        if math.isfinite(value) and value > 0:
+            return value, tag
+    warnings.warn(f"{source}: one slice with neither SpacingBetweenSlices nor SliceThickness; z spacing taken as 1 mm")
+    return 1.0, "none"
 
 
 def _warn_missing_geometry(source: str, first: Dataset) -> None:

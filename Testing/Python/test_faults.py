@@ -335,3 +335,37 @@ def test_a_card_whose_inference_window_is_inverted_is_refused(data, tmp_path, ca
     code, _, err = run(["harmonize", data / "vol.nrrd", "--model", tmp_path / "model", "--out", tmp_path / "o.nrrd"], capsys)
     one_error_line(code, err, "inference_window", "LO < HI")
     assert not (tmp_path / "o.nrrd").exists()
+
+
+# ---------------------------------------------------------------------------------------------- item 8: one slice's z
+
+
+def test_a_single_slice_dicom_z_spacing_is_said_and_kept_through_the_output(data, tmp_path, capsys):
+    import json
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # one real CT slice, SliceThickness 5 mm
+    del ds.SpacingBetweenSlices
+    ds.save_as(tmp_path / "one.dcm")
+    assert sitk.ReadImage(str(tmp_path / "one.dcm")).GetSpacing()[2] == 1.0  # what SimpleITK takes instead
+
+    def info(path) -> dict:
+        code, out, err = run(["info", path], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    given = info(tmp_path / "one.dcm")
+    assert given["spacing_xyz_mm"][2] == 5.0 and given["spacing_z_from"] == "SliceThickness"
+    for out in (tmp_path / "o.nrrd", tmp_path / "o_dicom"):
+        code, _, err = run(["harmonize", tmp_path / "one.dcm", "--model", data / "filter", "--out", out], capsys)
+        assert code == 0, err
+        assert info(out)["spacing_xyz_mm"][2] == 5.0
+    written = next((tmp_path / "o_dicom").iterdir())
+    assert sitk.ReadImage(str(written)).GetSpacing()[2] == 5.0  # the output says it in a tag every reader takes
+    del ds.SliceThickness
+    ds.save_as(tmp_path / "bare.dcm")
+    with pytest.warns(UserWarning, match="z spacing taken as 1 mm"):
+        bare = info(tmp_path / "bare.dcm")
+    assert bare["spacing_xyz_mm"][2] == 1.0 and bare["spacing_z_from"] == "none"
