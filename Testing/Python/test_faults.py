@@ -275,6 +275,13 @@ def test_a_gantry_tilted_series_keeps_its_slice_positions(data, tmp_path, capsys
     with pytest.warns(UserWarning, match="will not overlay"):  # an image file cannot hold the tilt: said, not silent
         code, _, err = run(["harmonize", tmp_path / "tilted", "--model", data / "filter", "--out", tmp_path / "o.nrrd"], capsys)
     assert code == 0, err
+    shifted = [(-100.0 + (3.0 if k == 2 else 0.0), -120.0, 50.0 + 5.0 * k) for k in range(4)]  # one slice moved in-plane
+    write_ct_series(tmp_path / "shifted", ramp_volume(4, 16, 16), positions=shifted)
+    with pytest.warns(UserWarning, match="shifted slice"):
+        code, _, err = run(["harmonize", tmp_path / "shifted", "--model", data / "filter", "--out", tmp_path / "out2"], capsys)
+    assert code == 0, err
+    before, after = _positions(tmp_path / "shifted"), _positions(tmp_path / "out2")
+    assert all(np.allclose(before[k], after[k], atol=0.01) for k in before), (before, after)
 
 
 def test_missing_pixel_spacing_or_orientation_is_said(tmp_path, capsys):
