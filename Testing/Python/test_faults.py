@@ -125,16 +125,17 @@ def test_evaluate_and_train_outputs_in_use_refused(data, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run_folder(data, tmp_path_factory) -> Path:
-    """A tiny RadiomicGAN run of one epoch (random VGG, 32x32, one step): something to resume."""
+    """A tiny pix2pix run of one epoch (32x32, one step; a GAN like RadiomicGAN, without its 75 MB of VGG weights):
+    something to resume."""
     out = tmp_path_factory.mktemp("run") / "m"
-    code = main([str(a) for a in ["train", "--pairs", data / "pairs32", "--out", out, "--crop", 32, "--vgg-weights", "random",
+    code = main([str(a) for a in ["train", "--pairs", data / "pairs32", "--out", out, "--method", "pix2pix", "--crop", 32,
                                   "--epochs", 1, "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1]])
     assert code == 0 and (out / "checkpoint.pt").is_file()
     return out
 
 
 def resume_argv(data, out, *extra) -> list:
-    return ["train", "--pairs", data / "pairs32", "--out", out, "--crop", 32, "--vgg-weights", "random", "--epochs", 2,
+    return ["train", "--pairs", data / "pairs32", "--out", out, "--method", "pix2pix", "--crop", 32, "--epochs", 2,
             "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1, "--resume", *extra]
 
 
