@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from .errors import RadiomicGANError
 from .kernels import PRESETS, KernelPreset, find_uniform_patches, measure_nps, measure_transfer, preset_for_tag, ring_edges
 
 NOISE_BAND = (0.30, 0.60)  # cycles/mm: noise-dominated, below the Nyquist frequency of clinical pixels
@@ -65,8 +66,20 @@ def _preset(name: str) -> KernelPreset | None:
     return PRESETS.get(name.upper()) or preset_for_tag(name)
 
 
+MIN_CALIBRATION_SIZE = 16  # the frequency rings need a few pixels each; the realism check's phantom needs 16
+
+
+def check_calibration_size(images: dict[str, np.ndarray]) -> None:
+    """Slices too small for the frequency rings (and the realism check's phantom) are named, not a traceback."""
+    for name, image in images.items():
+        if image.ndim != 2 or min(image.shape) < MIN_CALIBRATION_SIZE:
+            raise RadiomicGANError(f"{name}: a slice of {'x'.join(map(str, image.shape))} pixels; calibrate needs at least "
+                                   f"{MIN_CALIBRATION_SIZE}x{MIN_CALIBRATION_SIZE} (crop less)")
+
+
 def calibrate(images: dict[str, np.ndarray], spacing_mm: float, rings: int = 36, patch: int = 32):
     """``images``: kernel name -> registered 2D slice (HU) of one scan, ordered smooth to sharp."""
+    check_calibration_size(images)
     names = list(images)
     edges = ring_edges(spacing_mm, rings)
     pairs = []

@@ -181,6 +181,7 @@ def cmd_info(args) -> int:
         "source": volume.source,
         "shape_zyx": list(volume.shape),
         "spacing_xyz_mm": list(volume.spacing),
+        "spacing_z_from": volume.spacing_z_from or None,  # a lone DICOM slice: see the README's reader notes
         "origin_xyz_mm": list(volume.origin),
         "direction": list(volume.direction),
         "hu_min": float(np.min(volume.hu)),
@@ -561,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
 
         watch_stdin_for_stop()
     try:
-        with sigterm_as_interrupt():  # a cancel by SIGTERM removes every staging, as Ctrl-C does
+        from .lock import command_lock
+
+        # a cancel by SIGTERM removes every staging, as Ctrl-C does; a second run on an output in use is refused
+        with sigterm_as_interrupt(), command_lock(args.command, args):
             return args.func(args)
     except RadiomicGANError as exc:
         print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)

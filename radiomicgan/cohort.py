@@ -35,6 +35,7 @@ from . import __version__
 from .errors import CTInputError, RadiomicGANError
 from .jobs import ExitCode, scans_failed_status
 from .kernels import preset_for_tag
+from .lock import OutputLock
 
 # Exit status of a run where scans failed: this base plus the number failed (capped at 63), so a script can read the
 # count; 0 when none failed. (A named constant here until the project's exit codes are unified.)
@@ -320,42 +321,12 @@ def scan_hash(scan: Scan) -> str:
     return file_hash(scan.files + ([scan.roi] if scan.roi else []))
 
 
-class CohortLock:
-    """An OS lock on OUT/.cohort.lock, held for the run: a second run on the same output is refused at once (the OS
-    releases it when the process dies, even by SIGKILL, so a crashed run never blocks the next)."""
+class CohortLock(OutputLock):
+    """An OS lock on OUT/.cohort.lock, held for the run (see radiomicgan.lock): a second run on the same output is
+    refused at once, and a killed run never blocks the next."""
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK_NAME
-        self._fh = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+")
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                msvcrt.locking(self._fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.close()
-            self._fh = None
-            raise RadiomicGANError(f"{self.path.parent}: another cohort run is writing there (lock {self.path}); "
-                                   "wait for it or choose another output") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self._fh is not None:
-            if os.name == "nt":
-                import msvcrt
-
-                self._fh.seek(0)
-                msvcrt.locking(self._fh.fileno(), msvcrt.LK_UNLCK, 1)
-            self._fh.close()
-            self._fh = None
+        super().__init__(out, "cohort run", path=Path(out) / LOCK_NAME, remove=False)
 
 
 def atomic_write(path: Path, text: str) -> None:

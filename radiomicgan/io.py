@@ -11,6 +11,7 @@ renamed into place when complete, and an existing output is only replaced when a
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import warnings
 from pathlib import Path
@@ -79,7 +80,72 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, check_hu
     return volume
 
 
+GZIP_MAX_RATIO = 1100  # deflate cannot compress more than about 1032:1: a file that claims more is damaged
+
+
+def _header_fields(p: Path, separator: str) -> dict[str, str]:
+    """Key/value lines of an NRRD (``key: value``) or MetaImage (``Key = Value``) header, keys lower-case."""
+    with open(p, "rb") as fh:
+        head = fh.read(65536).decode("latin-1")
+    head = head.split("\n\n", 1)[0] if separator == ":" else head
+    fields = {}
+    for line in head.splitlines():
+        key, sep, value = line.partition(separator)
+        if sep and not line.startswith("#"):
+            fields.setdefault(key.strip().lower(), value.strip())
+        if separator == "=" and key.strip().lower() == "elementdatafile":
+            break  # the pixels follow this line
+    return fields
+
+
+def _data_bytes_and_ratio(p: Path, suffix: str) -> tuple[int, float] | None:
+    """(bytes holding the pixels, most bytes of pixels each can decode to) for an image file, None when unknown."""
+    if suffix in (".nii", ".nii.gz"):
+        return p.stat().st_size, (1.0 if suffix == ".nii" else GZIP_MAX_RATIO)
+    if suffix in (".nrrd", ".nhdr"):
+        fields = _header_fields(p, ":")
+        encoding = fields.get("encoding", "raw").lower()
+        ratio = {"raw": 1.0, "gzip": GZIP_MAX_RATIO, "gz": GZIP_MAX_RATIO, "hex": 0.5}.get(encoding)
+        data = fields.get("data file") or fields.get("datafile")
+    else:
+        fields = _header_fields(p, "=")
+        ratio = GZIP_MAX_RATIO if fields.get("compresseddata", "false").lower() == "true" else 1.0
+        data = fields.get("elementdatafile")
+        data = None if data and data.upper() == "LOCAL" else data
+    if ratio is None:
+        return None  # bzip2, text: no useful bound
+    if data:
+        if " " in data or "%" in data or data.upper().startswith("LIST"):
+            return None  # several data files
+        data_path = p.parent / data
+        return (data_path.stat().st_size, ratio) if data_path.is_file() else None
+    return p.stat().st_size, ratio
+
+
+def check_declared_image_size(p: Path) -> None:
+    """The voxels an image header declares against the bytes the file holds, before any pixel is read: a damaged
+    header declaring 12000 x 12000 x 16 over 200 bytes is refused at once instead of allocating gigabytes."""
+    suffix = image_suffix(p)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        known = _data_bytes_and_ratio(p, suffix)
+    except (RuntimeError, OSError, UnicodeError):
+        return  # reading reports it
+    if known is None:
+        return
+    size = [int(n) for n in reader.GetSize()]
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).itemsize
+    declared = int(np.prod(size, dtype=np.float64)) * int(reader.GetNumberOfComponents()) * itemsize
+    available, ratio = known
+    if declared > available * ratio:
+        raise CTInputError(f"{p}: the header declares {' x '.join(map(str, size))} voxels ({declared / 2**20:.0f} MiB) but the file "
+                           f"holds {available} bytes; a damaged header or a truncated file")
+
+
 def _read_image_file(p: Path) -> tuple[CTVolume, str]:
+    check_declared_image_size(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -193,6 +259,7 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
     row_dir, col_dir = _orientation(first, first_path)
     normal = np.cross(row_dir, col_dir)
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    _warn_missing_geometry(source, first)
 
     if len(files) > 1:
         positions = []
@@ -220,10 +287,14 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
                 "missing slices or a variable-spacing series"
             )
         origin = positions[order[0]]
+        slice_positions = _in_plane_offsets(source, [positions[i] for i in order], normal, step)
+        spacing_z_from = "slice positions"
     else:
-        step = float(first.get("SpacingBetweenSlices", 0) or first.get("SliceThickness", 0) or 1.0)
+        step, spacing_z_from = single_slice_spacing(source, first)
         origin = np.asarray([float(v) for v in first.get("ImagePositionPatient", [0.0, 0.0, 0.0])])
+        slice_positions = None
 
+    check_declared_pixels(files)  # before the allocation: a header may declare gigabytes over a few bytes
     hu = np.empty((len(files), int(first.Rows), int(first.Columns)), dtype=np.float32)
     for k, (path, ds) in enumerate(files):
         hu[k] = _slice_hu(path, ds)
@@ -249,15 +320,92 @@ def _volume_from_slices(source: str, files: list[tuple[Path, Dataset]]) -> CTVol
         meta=meta,
         source=source,
         dicom_template=template,
+        slice_positions=slice_positions,
+        spacing_z_from=spacing_z_from,
     )
+
+
+def single_slice_spacing(source: str, ds: Dataset) -> tuple[float, str]:
+    """The z spacing of a lone slice, which has no neighbour to measure it from: SpacingBetweenSlices when given,
+    else SliceThickness (the slab the slice stands for, so a volume or an ROI in mm keeps its physical depth; SimpleITK
+    takes 1 mm here), else 1 mm with a warning. A DICOM output writes both tags, so every reader agrees on it."""
+    for tag in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(ds.get(tag, 0) or 0)
+        except (TypeError, ValueError):
+            value = 0.0
+        if math.isfinite(value) and value > 0:
+            return value, tag
+    warnings.warn(f"{source}: one slice with neither SpacingBetweenSlices nor SliceThickness; z spacing taken as 1 mm")
+    return 1.0, "none"
+
+
+def _warn_missing_geometry(source: str, first: Dataset) -> None:
+    """Geometry the header does not give is assumed, and said: distances, ROI sizes in mm and the kernel's
+    frequency response depend on the pixel spacing."""
+    if "PixelSpacing" not in first:
+        warnings.warn(f"{source}: no PixelSpacing; pixels taken as 1 x 1 mm (sizes in mm and frequencies are wrong if not)")
+    if "ImageOrientationPatient" not in first:
+        warnings.warn(f"{source}: no ImageOrientationPatient; slices taken as axial (rows along x, columns along y)")
+
+
+def _in_plane_offsets(source: str, positions: list[np.ndarray], normal: np.ndarray, step: float):
+    """The slices' own positions when they do not lie on one line along the slice normal (a gantry-tilted series, a
+    slice shifted in-plane), else None. A DICOM output keeps them, so the result overlays the input; an image file
+    (NRRD, NIfTI) cannot hold them and stacks the slices along the normal, which the warning says."""
+    first = positions[0]
+    offsets = [(p - first) - float((p - first) @ normal) * normal for p in positions]
+    largest = max(float(np.linalg.norm(o)) for o in offsets)
+    if largest <= max(SPACING_TOLERANCE_MM, 0.01 * step):
+        return None
+    tilt = np.degrees(np.arctan2(float(np.linalg.norm(offsets[-1])), float((positions[-1] - first) @ normal)))
+    warnings.warn(f"{source}: slices offset in-plane by up to {largest:.2f} mm along the series (gantry tilt of about "
+                  f"{tilt:.1f} degrees, or a shifted slice); a DICOM output keeps each slice's position, an image file "
+                  "(NRRD, NIfTI) stacks the slices along the slice normal and will not overlay the input")
+    return tuple(tuple(float(v) for v in p) for p in positions)
 
 
 def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
     iop = ds.get("ImageOrientationPatient")
     if iop is None or len(iop) != 6:
         return np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
-    v = np.asarray([float(x) for x in iop])
-    return v[:3] / np.linalg.norm(v[:3]), v[3:] / np.linalg.norm(v[3:])
+    try:
+        v = np.asarray([float(x) for x in iop])
+    except (TypeError, ValueError):
+        raise CTInputError(f"{path}: ImageOrientationPatient {list(iop)} is not six numbers") from None
+    row, col = v[:3], v[3:]
+    norms = np.linalg.norm(row), np.linalg.norm(col)
+    if not np.all(np.isfinite(v)) or min(norms) < 1e-6:
+        raise CTInputError(f"{path}: ImageOrientationPatient {list(iop)} has a zero or invalid direction")
+    row, col = row / norms[0], col / norms[1]
+    if abs(float(row @ col)) > ORTHOGONALITY_TOLERANCE:
+        raise CTInputError(f"{path}: ImageOrientationPatient row and column directions are not perpendicular "
+                           f"(angle {np.degrees(np.arccos(np.clip(row @ col, -1, 1))):.1f} degrees); the slice has no plane")
+    return row, col
+
+
+ORTHOGONALITY_TOLERANCE = 1e-3  # cosine of the angle between the row and column directions (DICOM: perpendicular)
+
+
+def check_declared_pixels(files: list[tuple[Path, Dataset]]) -> None:
+    """Rows x Columns x BitsAllocated of each uncompressed slice against the pixel bytes the file holds, before any
+    memory is allocated for the volume; a compressed slice is checked when decoded."""
+    for path, ds in files:
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        except (AttributeError, TypeError, ValueError):
+            raise CTInputError(f"{path}: Rows, Columns or BitsAllocated missing or not numbers") from None
+        if rows < 1 or cols < 1:
+            raise CTInputError(f"{path}: Rows x Columns {rows} x {cols}; no pixels")
+        transfer_syntax = ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if hasattr(ds, "file_meta") else ExplicitVRLittleEndian
+        if _is_compressed(transfer_syntax) or "PixelData" not in ds:
+            continue
+        expected, found = rows * cols * samples * bits // 8, len(ds.PixelData)  # at most the file's size
+        if found < expected:
+            raise CTInputError(f"{path}: the header declares {rows} x {cols} pixels ({expected} bytes) but the pixel data holds "
+                               f"{found} bytes; truncated or corrupt (or a damaged header)")
 
 
 def _slice_hu(path: Path, ds: Dataset) -> np.ndarray:
@@ -513,6 +661,8 @@ def write_dicom_series(
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = k + 1
             position = np.asarray(volume.origin) + k * sz * normal
+            if volume.slice_positions is not None and len(volume.slice_positions) == pixels.shape[0]:
+                position = np.asarray(volume.slice_positions[k])  # a tilted series keeps its slices' positions
             ds.ImagePositionPatient = [_ds(v) for v in position]
             ds.SliceLocation = _ds(float(position @ normal))
             ds.PixelData = pixels[k].tobytes()

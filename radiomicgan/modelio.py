@@ -63,7 +63,7 @@ def safe_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         raise ModelError(f"{path}: refused: the file holds Python objects or code, not plain weights ({str(exc).splitlines()[0][:120]})") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ModelError(f"{path}: not a readable weights file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise ModelError(f"{path}: not a readable weights file ({type(exc).__name__}: {(str(exc).splitlines() or ['empty file'])[0][:120]})") from None
 
 
 @dataclass

@@ -120,6 +120,25 @@ def _roi_from_mask(name: str, group: str, mask: np.ndarray) -> ROI | None:
     return ROI(name, group, box, mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].copy())
 
 
+MAX_LABELS = 1000  # more distinct values than any segmentation holds: an image given as a label map
+
+
+def check_label_map(labels: CTVolume) -> None:
+    """A label map holds non-negative whole numbers, a few of them; a CT image given by mistake (negative HU,
+    thousands of values) is refused instead of measured as a thousand one-voxel "ROIs"."""
+    hu = labels.hu
+    lo, hi = float(np.min(hu)), float(np.max(hu))
+    if lo < 0:
+        raise EvaluationError(f"{labels.source}: not a label map (values from {lo:g} to {hi:g}; labels are 0 and positive "
+                              "whole numbers): a CT image given as --labels?")
+    if not np.array_equal(hu, np.rint(hu)):
+        raise EvaluationError(f"{labels.source}: not a label map (values that are not whole numbers)")
+    count = len(np.unique(hu))
+    if count > MAX_LABELS:
+        raise EvaluationError(f"{labels.source}: not a label map ({count} distinct values; at most {MAX_LABELS}): an image "
+                              "given as --labels?")
+
+
 def labels_on_grid(labels: CTVolume, like: CTVolume) -> np.ndarray:
     """Integer labels on ``like``'s voxel grid: as they are when on the same grid, else resampled nearest-neighbour
     in physical space (a label map made at another resolution or by another tool), with a warning that says so and
@@ -128,6 +147,7 @@ def labels_on_grid(labels: CTVolume, like: CTVolume) -> np.ndarray:
 
     import SimpleITK as sitk
 
+    check_label_map(labels)
     values = np.rint(labels.hu).astype(np.int64)
     if labels.same_geometry(like):
         return values

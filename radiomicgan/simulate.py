@@ -187,7 +187,7 @@ def rekernel_folder_pairs(
     seeds = np.random.SeedSequence(seed).generate_state(len(scans))
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out, directory=True) as tmp:
-        entries = []
+        entries, first = [], None
         for k, (name, load) in enumerate(scans):
             try:
                 volume = load()
@@ -201,6 +201,10 @@ def rekernel_folder_pairs(
                 )
             if scan_preset == source_preset:
                 raise CTInputError(f"{name}: already a {scan_preset.name} scan; simulate another kernel than the scans'")
+            first = first or (name, scan_preset)
+            if scan_preset != first[1]:  # pairs of two directions: a manifest train refuses; say so now
+                raise CTInputError(f"{name}: a {scan_preset.name} scan, but {first[0]} is {first[1].name}; one manifest "
+                                   "learns one direction: give a folder of scans of one kernel")
             simulated = rekernel_volume(volume, source_preset.name, scan_preset.name, seed=int(seeds[k]), noise_scale=noise_scale)
             case = f"scan{len(entries):03d}"
             # the target is named by the scan's own tag (FC51, B50f), the vendor's name, not the preset's

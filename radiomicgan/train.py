@@ -157,6 +157,22 @@ def _split(manifest: Manifest, val_slices: int) -> tuple[Manifest, list[tuple[np
     return train, slices[::step][:val_slices], label
 
 
+def _check_pair_sizes(manifest: Manifest, train_set: Manifest, sampler: SliceSampler, val, method) -> None:
+    """Every pair, the held-out one included (validated and Grad-CAM-sampled on whole slices), against the method's
+    minimum slice size, before any step: a smaller pair is named instead of failing deep inside instance norm."""
+    if not method.min_crop:
+        return
+    sizes = [(pair, source.shape[1:]) for pair, (source, _) in zip(train_set.pairs, sampler.volumes)]
+    held = [p for p in manifest.pairs if p not in train_set.pairs]
+    sizes += [(held[0], val[0][0].shape)] if held and val else []
+    m = method.min_crop
+    for pair, (rows, cols) in sizes:
+        if min(rows, cols) < m:
+            role = "held-out pair" if pair in held else "pair"
+            raise TrainingError(f"{pair.source}: {role} '{pair.id}' has slices of {rows}x{cols} pixels; {method.name} needs at least "
+                                f"{m}x{m} (smaller, its discriminator shrinks to 1x1); remove the pair or give it at a larger size")
+
+
 def _versions() -> dict:
     import torch
     import torchvision
@@ -209,14 +225,11 @@ def train(
         raise
 
 
-def _prepare_output(out: Path, resume: bool, config: TrainConfig) -> None:
+def _prepare_output(out: Path, resume: bool, config: TrainConfig, kernels=(None, None)) -> None:
     if resume:
-        if not (out / CHECKPOINT_NAME).is_file() or not (out / CARD_NAME).is_file():
-            raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
-        previous = ModelCard.read(out)
-        for key in ("method", "schedule"):
-            if getattr(previous, key) != getattr(config, key):
-                raise TrainingError(f"{out}: was trained with {key} '{getattr(previous, key)}', not '{getattr(config, key)}'; cannot resume")
+        from .resume import check_resume
+
+        check_resume(out, config, kernels)  # a damaged folder, other settings or kernel direction: one line
     elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
         raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -281,14 +294,10 @@ class _Run:
         self.out, self.config, self.dist, self.method = out, config, dist, methods.get(config.method)
         device = self.device = dist.device
         if dist.main:
-            _prepare_output(out, resume, config)
+            _prepare_output(out, resume, config, manifest.kernels)
         train_set, self.val, val_label = _split(manifest, config.val_slices)
         self.sampler = SliceSampler(train_set, crop=config.crop, seed=config.seed + 1000 * dist.rank, contrast=config.contrast_jitter)
-        for source, _ in self.sampler.volumes:
-            if min(source.shape[1:]) < self.method.min_crop:
-                m = self.method.min_crop
-                raise TrainingError(f"{source.source}: slices of {source.shape[1]}x{source.shape[2]} pixels; {config.method} needs "
-                                    f"at least {m}x{m} (smaller, its discriminator shrinks to 1x1)")
+        _check_pair_sizes(manifest, train_set, self.sampler, self.val, self.method)
         self.spacing = self.sampler.volumes[0][0].spacing[:2]
         torch.manual_seed(config.seed)
         self.card = card = _base_card(manifest, config)
@@ -335,15 +344,22 @@ class _Run:
         self.log = open(out / LOG_NAME, "a") if dist.main else None
 
     def _resume(self, torch) -> None:
-        state = safe_load(self.out / CHECKPOINT_NAME)
-        self.generator.load_state_dict(state["generator"])
-        self.opt_g.load_state_dict(state["opt_g"])
+        """Continue from ``checkpoint.pt``; a damaged or mismatched checkpoint is one ``TrainingError`` (resume.py)."""
+        from .resume import load_checkpoint, restore
+
+        path = self.out / CHECKPOINT_NAME
+        state = load_checkpoint(self.out, self.discriminator is not None)
+        restore(path, "generator", self.generator, state["generator"])
+        restore(path, "generator optimizer", self.opt_g, state["opt_g"])
         if self.discriminator is not None:
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.opt_d.load_state_dict(state["opt_d"])
-        s = state["schedule"]
-        self.schedule = WindowSchedule(**{**s, "hu_range": tuple(s["hu_range"]), "window": tuple(s["window"])})
-        self.start_epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+            restore(path, "discriminator", self.discriminator, state["discriminator"])
+            restore(path, "discriminator optimizer", self.opt_d, state["opt_d"])
+        try:
+            s = state["schedule"]
+            self.schedule = WindowSchedule(**{**s, "hu_range": tuple(s["hu_range"]), "window": tuple(s["window"])})
+            self.start_epoch, self.steps_done = int(state["epoch"]), int(state["steps_done"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingError(f"{path}: cannot resume: its window schedule or epoch is damaged ({exc!r:.120})") from None
         self.best = state.get("best", self.best)
         self.sampler.rng = np.random.default_rng([self.config.seed + 1000 * self.dist.rank, self.start_epoch])
         torch.manual_seed(self.config.seed + self.start_epoch)

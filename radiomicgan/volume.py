@@ -52,6 +52,12 @@ class CTVolume:
     dicom_template: Any = None
     # 2 for a single-slice 2D image file: written back as 2D (dimension, size, spacing, direction kept).
     image_dimension: int = 3
+    # Each slice's ImagePositionPatient when a DICOM series' slices do not lie on one line along the normal (gantry
+    # tilt): a derived DICOM series keeps them (see radiomicgan.io); None otherwise.
+    slice_positions: Any = None
+    # Where the z spacing came from (``radiomicgan info`` shows it): "slice positions", "SpacingBetweenSlices",
+    # "SliceThickness" or "none" (1 mm) for a DICOM series or slice, "header" for an image file.
+    spacing_z_from: str = ""
 
     def __post_init__(self) -> None:
         hu = np.asarray(self.hu)
@@ -126,6 +132,7 @@ class CTVolume:
             meta=meta or CTMetadata(),
             source=source,
             image_dimension=dimension,
+            spacing_z_from="header",
         )
 
 

@@ -405,6 +405,25 @@ def test_no_subcommand_shows_a_traceback_on_malformed_arguments(data, work, caps
         for argv in cases:
             code, _, err = run([command, *argv], capsys)
             assert code == 2 and "Traceback" not in err and err.strip(), (command, argv, err)
+    # a second run on an output another run is writing (issue 20): refused in one line, nothing written
+    from radiomicgan.cohort import CohortLock
+    from radiomicgan.lock import OutputLock
+
+    in_use = {
+        "simulate": [work / "busy_pairs", ["--out", work / "busy_pairs", "--cases", 1, "--size", 16, "--slices", 1]],
+        "train": [work / "busy_m", ["--pairs", data / "pairs", "--out", work / "busy_m", "--method", "filter"]],
+        "harmonize": [work / "busy.nrrd", [vol, "--model", data / "filter", "--out", work / "busy.nrrd"]],
+        "evaluate": [work / "busy_r", ["--reference", vol, "--candidate", f"a={vol}", "--out", work / "busy_r"]],
+        "demo": [work / "busy_d", ["--out", work / "busy_d", "--size", 16]],
+    }
+    for command, (out, argv) in in_use.items():
+        with OutputLock(out, "test"):
+            code, _, err = run([command, *argv], capsys)
+        assert_user_error(code, err, out, "another")
+        assert not out.exists(), command
+    with CohortLock(work / "busy_c"):
+        code, _, err = run(["cohort", data, "--model", data / "filter", "--out", work / "busy_c"], capsys)
+    assert_user_error(code, err, "busy_c", "another cohort run")
     # and a real process, as a user runs it: the handler is in main(), not in the tests
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", data / "pairs", "--out", work / "afile" / "m",

@@ -1,0 +1,379 @@
+"""Faults a user hits on purpose (issue 20): two runs on one output, a resume whose folder is damaged or whose
+settings changed, pairs of different sizes, odd DICOM/NRRD headers. Each ends in one line and exit status 2 (or a
+warning where the result is still right), never a traceback and never a silently wrong result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import REPO, ramp_volume
+
+from radiomicgan.cli import main
+from radiomicgan.lock import OutputLock, lock_path
+from radiomicgan.simulate import simulate_phantom_pairs
+from radiomicgan.train import TrainConfig, train
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err, *names) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if "warning:" not in line and "randomly initialised" not in line]
+    assert code == 2 and len(lines) == 1, (code, err)
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    simulate_phantom_pairs(root / "pairs", cases=2, size=16, slices=3, seed=2)
+    simulate_phantom_pairs(root / "pairs32", cases=2, size=32, slices=1, seed=2)
+    train(root / "pairs", root / "filter", TrainConfig(method="filter", schedule="none", val_slices=1), progress=False)
+    image = sitk.GetImageFromArray(ramp_volume(3, 16, 16).astype(np.int16))
+    sitk.WriteImage(image, str(root / "vol.nrrd"))
+    return root
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------------- item 2: one run per output
+
+
+def test_two_trains_started_together_on_one_folder_one_refuses(data, tmp_path):
+    out = tmp_path / "model"
+    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+            "--crop", "32", "--vgg-weights", "random", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
+            "--device", "cpu", "--val-slices", "1", "--stop-on-stdin"]
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env()) for _ in range(2)]
+    try:
+        # the loser refuses at once; the winner trains on (100000 steps) until told to stop
+        deadline = time.monotonic() + 240
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        err = loser.stderr.read()
+        assert loser.returncode == 2 and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and "another train run is writing there" in err, err
+        assert winner.poll() is None  # still training: the lock is held for the whole run
+        winner.stdin.write("stop\n")
+        winner.stdin.flush()
+        winner.wait(timeout=240)
+        assert winner.returncode == 130, winner.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not lock_path(out).exists()  # a finished run leaves only its output
+
+
+def test_a_killed_run_leaves_no_output_locked(data, tmp_path, capsys):
+    out = tmp_path / "o.nrrd"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom radiomicgan.lock import OutputLock\n"
+                               f"with OutputLock({str(out)!r}, 'harmonize run'):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run(["harmonize", data / "vol.nrrd", "--model", data / "filter", "--out", out], capsys)
+        one_error_line(code, err, out, "another harmonize run")
+        assert not out.exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert lock_path(out).exists()  # left by the killed run, but not held: the OS released it
+    code, _, err = run(["harmonize", data / "vol.nrrd", "--model", data / "filter", "--out", out], capsys)
+    assert code == 0 and out.is_file(), err
+
+
+def test_evaluate_and_train_outputs_in_use_refused(data, tmp_path, capsys):
+    with OutputLock(tmp_path / "report", "evaluate run"):
+        code, _, err = run(["evaluate", "--reference", data / "vol.nrrd", "--candidate", f"a={data / 'vol.nrrd'}",
+                            "--out", tmp_path / "report"], capsys)
+    one_error_line(code, err, "report", "another evaluate run")
+    with OutputLock(tmp_path / "m", "train run"):
+        code, _, err = run(["train", "--pairs", data / "pairs", "--out", tmp_path / "m", "--method", "filter"], capsys)
+    one_error_line(code, err, "another train run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no lock file left behind
+
+
+# ---------------------------------------------------------------------------------------------- items 3, 5, 6: resume
+
+
+@pytest.fixture(scope="module")
+def run_folder(data, tmp_path_factory) -> Path:
+    """A tiny pix2pix run of one epoch (32x32, one step; a GAN like RadiomicGAN, without its 75 MB of VGG weights):
+    something to resume."""
+    out = tmp_path_factory.mktemp("run") / "m"
+    code = main([str(a) for a in ["train", "--pairs", data / "pairs32", "--out", out, "--method", "pix2pix", "--crop", 32,
+                                  "--epochs", 1, "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1]])
+    assert code == 0 and (out / "checkpoint.pt").is_file()
+    return out
+
+
+def resume_argv(data, out, *extra) -> list:
+    return ["train", "--pairs", data / "pairs32", "--out", out, "--method", "pix2pix", "--crop", 32, "--epochs", 2,
+            "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1, "--resume", *extra]
+
+
+@pytest.fixture
+def copy_run(run_folder, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(run_folder, out)
+    return out
+
+
+def test_resume_without_model_json_names_the_missing_card(data, copy_run, capsys):
+    (copy_run / "model.json").unlink()
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    line = one_error_line(code, err, "model.json is missing")
+    assert "no checkpoint.pt" not in line
+    (copy_run / "checkpoint.pt").unlink()
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    one_error_line(code, err, "nothing to resume (no checkpoint.pt)")
+
+
+# ---------------------------------------------------------------------------------------------- item 4: pair sizes
+
+
+def test_pairs_of_different_sizes_name_the_small_pair_before_training(data, tmp_path, capsys):
+    import json
+
+    simulate_phantom_pairs(tmp_path / "small", cases=1, size=16, slices=1, seed=3)
+    manifest = json.loads((data / "pairs32" / "manifest.json").read_text())
+    small = json.loads((tmp_path / "small" / "manifest.json").read_text())["pairs"][0]
+    small = {**small, "id": "tiny", **{k: str(tmp_path / "small" / small[k]) for k in ("source", "target", "labels")}}
+    manifest["pairs"] = [{**p, **{k: str(data / "pairs32" / p[k]) for k in ("source", "target", "labels")}} for p in manifest["pairs"]]
+    for where, pairs in (("held out", manifest["pairs"] + [small]), ("trained on", [manifest["pairs"][0], small, manifest["pairs"][1]])):
+        (tmp_path / "mixed.json").write_text(json.dumps({**manifest, "pairs": pairs}))
+        code, _, err = run(["train", "--pairs", tmp_path / "mixed.json", "--out", tmp_path / "m", "--crop", 32, "--vgg-weights",
+                            "random", "--epochs", 1, "--steps-per-epoch", 1, "--batch", 1, "--device", "cpu", "--val-slices", 1],
+                           capsys)
+        one_error_line(code, err, "'tiny'", "16x16", "32x32")
+        assert not (tmp_path / "m").exists(), where
+
+
+# ---------------------------------------------------------------------------------------------- item 6: damaged input
+
+
+def test_resume_on_a_damaged_run_folder_is_one_line(data, copy_run, capsys):
+    import torch
+
+    card, checkpoint = copy_run / "model.json", copy_run / "checkpoint.pt"
+    good_card, state = card.read_bytes(), torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for text, expected in (("{not json", "not valid JSON"), ("[1, 2]", "a JSON list")):
+        card.write_text(text)
+        code, _, err = run(resume_argv(data, copy_run), capsys)
+        one_error_line(code, err, "model.json", expected)
+    card.write_bytes(good_card)
+    broken = {"empty": None, "key-less": {}, "a list": [1, 2],
+              "another shape": {**state, "generator": {k: (v[..., :1] if v.ndim == 4 and i == 0 else v)
+                                                        for i, (k, v) in enumerate(state["generator"].items())}}}
+    for what, content in broken.items():
+        if content is None:
+            checkpoint.write_bytes(b"")
+        else:
+            torch.save(content, checkpoint)
+        code, _, err = run(resume_argv(data, copy_run), capsys)
+        one_error_line(code, err, "checkpoint.pt", "cannot resume")
+    assert card.read_bytes() == good_card  # the folder is left as it was found
+
+
+def test_headers_declaring_more_pixels_than_the_file_holds_are_refused_before_reading(data, tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    header = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 12000 12000 16\nspacings: 1 1 1\nencoding: %s\nendian: little\n\n"
+    for encoding in (b"raw", b"gzip"):
+        path = tmp_path / f"huge_{encoding.decode()}.nrrd"
+        path.write_bytes(header % encoding + bytes(200))
+        for argv in (["info", path], ["harmonize", path, "--model", data / "filter", "--out", tmp_path / "o.nrrd"]):
+            code, _, err = run(argv, capsys)
+            one_error_line(code, err, path, "declares 12000 x 12000 x 16")
+    ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1)
+    ds.Rows = ds.Columns = 65535
+    (tmp_path / "series").mkdir()
+    save_dataset(ds, tmp_path / "series" / "s.dcm")
+    for path in (tmp_path / "series" / "s.dcm", tmp_path / "series"):
+        code, _, err = run(["info", path], capsys)
+        one_error_line(code, err, "s.dcm", "declares 65535 x 65535")
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_a_slice_whose_row_and_column_directions_coincide_is_refused(tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    for k, orientation in enumerate([(1, 0, 0, 1, 0, 0), (1, 0, 0, 0, 0, 0), (0, 1, 0, 0, 0.9999999, 0.0001)]):
+        ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1,
+                             orientation=orientation)
+        save_dataset(ds, tmp_path / f"s{k}.dcm")
+        code, _, err = run(["info", tmp_path / f"s{k}.dcm"], capsys)
+        one_error_line(code, err, f"s{k}.dcm", "ImageOrientationPatient")
+
+
+def test_calibrate_crops_under_16_pixels_say_the_minimum(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for n in (8, 15):
+        paths = []
+        for kernel in ("B30", "B50"):
+            paths.append(tmp_path / f"{kernel}_{n}.nrrd")
+            sitk.WriteImage(sitk.GetImageFromArray(rng.normal(0, 50, (3, n, n)).astype(np.int16)), str(paths[-1]))
+        code, out, err = run(["calibrate", f"B30={paths[0]}", f"B50={paths[1]}", "--fit"], capsys)
+        one_error_line(code, err, f"{n}x{n}", "16x16")
+
+
+# ---------------------------------------------------------------------------------------------- item 5: silent wrong results
+
+
+def _positions(folder: Path) -> dict[int, np.ndarray]:
+    import pydicom
+
+    found = {}
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        found[int(ds.InstanceNumber)] = np.array([float(v) for v in ds.ImagePositionPatient])
+    return found
+
+
+def test_a_gantry_tilted_series_keeps_its_slice_positions(data, tmp_path, capsys):
+    from helpers import write_ct_series
+
+    tilt = np.radians(20)
+    positions = [(-100.0, -120.0, 50.0 + 5.0 * k) for k in range(4)]  # the table moves 5 mm; the slice plane is tilted
+    write_ct_series(tmp_path / "tilted", ramp_volume(4, 16, 16), positions=positions,
+                    orientation=(1, 0, 0, 0, np.cos(tilt), -np.sin(tilt)))
+    with pytest.warns(UserWarning, match="gantry tilt of about 20"):
+        code, _, err = run(["harmonize", tmp_path / "tilted", "--model", data / "filter", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    before, after = _positions(tmp_path / "tilted"), _positions(tmp_path / "out")
+    assert sorted(before) == sorted(after)
+    for k in before:  # the result overlays the input slice by slice
+        assert np.allclose(before[k], after[k], atol=0.01), (k, before[k], after[k])
+    with pytest.warns(UserWarning, match="will not overlay"):  # an image file cannot hold the tilt: said, not silent
+        code, _, err = run(["harmonize", tmp_path / "tilted", "--model", data / "filter", "--out", tmp_path / "o.nrrd"], capsys)
+    assert code == 0, err
+    shifted = [(-100.0 + (3.0 if k == 2 else 0.0), -120.0, 50.0 + 5.0 * k) for k in range(4)]  # one slice moved in-plane
+    write_ct_series(tmp_path / "shifted", ramp_volume(4, 16, 16), positions=shifted)
+    with pytest.warns(UserWarning, match="shifted slice"):
+        code, _, err = run(["harmonize", tmp_path / "shifted", "--model", data / "filter", "--out", tmp_path / "out2"], capsys)
+    assert code == 0, err
+    before, after = _positions(tmp_path / "shifted"), _positions(tmp_path / "out2")
+    assert all(np.allclose(before[k], after[k], atol=0.01) for k in before), (before, after)
+
+
+def test_missing_pixel_spacing_or_orientation_is_said(tmp_path, capsys):
+    from helpers import make_ct_dataset, save_dataset
+
+    ds = make_ct_dataset(np.full((16, 16), 1024, np.uint16), (0, 0, 0), series_uid="1.2.3", study_uid="1.2", instance=1)
+    del ds.PixelSpacing
+    del ds.ImageOrientationPatient
+    save_dataset(ds, tmp_path / "s.dcm")
+    with pytest.warns(UserWarning) as caught:
+        code, _, err = run(["info", tmp_path / "s.dcm"], capsys)
+    said = " ".join(str(w.message) for w in caught)
+    assert code == 0 and "no PixelSpacing; pixels taken as 1 x 1 mm" in said and "no ImageOrientationPatient" in said, said
+
+
+def test_resume_with_other_settings_or_reversed_pairs_is_refused(data, copy_run, tmp_path, capsys):
+    import json
+
+    card = (copy_run / "model.json").read_text()
+    for extra, expected in ((["--hu-range", -1000, 1000], "hu_range"), (["--window-scaling", "window"], "window_scaling")):
+        code, _, err = run(resume_argv(data, copy_run, *extra), capsys)
+        one_error_line(code, err, expected, "cannot resume")
+    manifest = json.loads((data / "pairs32" / "manifest.json").read_text())
+    reversed_pairs = [{**p, "source": str(data / "pairs32" / p["target"]), "target": str(data / "pairs32" / p["source"]),
+                       "labels": str(data / "pairs32" / p["labels"]), "source_kernel": p["target_kernel"],
+                       "target_kernel": p["source_kernel"]} for p in manifest["pairs"]]
+    (tmp_path / "reversed.json").write_text(json.dumps({**manifest, "pairs": reversed_pairs}))
+    argv = resume_argv(data, copy_run)
+    argv[argv.index("--pairs") + 1] = tmp_path / "reversed.json"
+    code, _, err = run(argv, capsys)
+    one_error_line(code, err, "from B30 to B50", "cannot resume")
+    assert (copy_run / "model.json").read_text() == card  # the card is not rewritten
+
+
+def test_evaluate_labels_given_the_ct_itself_is_refused(data, tmp_path, capsys):
+    vol = data / "vol.nrrd"
+    code, _, err = run(["evaluate", "--reference", vol, "--candidate", f"a={vol}", "--out", tmp_path / "r", "--labels", vol], capsys)
+    one_error_line(code, err, "vol.nrrd", "not a label map")
+    assert not (tmp_path / "r").exists()
+
+
+def test_simulate_pairs_from_scans_of_two_kernels_is_refused(tmp_path, capsys):
+    simulate_phantom_pairs(tmp_path / "scans", cases=1, size=16, slices=3, seed=2)  # a B30 scan and a B50 scan
+    for extra in (tmp_path / "scans" / "manifest.json", tmp_path / "scans" / "case000_labels.nrrd"):
+        extra.unlink()
+    code, _, err = run(["simulate", "--from", tmp_path / "scans", "--kernel", "B70", "--pairs", tmp_path / "pairs"], capsys)
+    one_error_line(code, err, "one manifest learns one direction")
+    assert not (tmp_path / "pairs").exists()
+
+
+def test_a_card_whose_inference_window_is_inverted_is_refused(data, tmp_path, capsys):
+    import json
+    import shutil
+
+    shutil.copytree(data / "filter", tmp_path / "model")
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    (tmp_path / "model" / "model.json").write_text(json.dumps({**card, "inference_window": [1000, -1024]}))
+    code, _, err = run(["harmonize", data / "vol.nrrd", "--model", tmp_path / "model", "--out", tmp_path / "o.nrrd"], capsys)
+    one_error_line(code, err, "inference_window", "LO < HI")
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+# ---------------------------------------------------------------------------------------------- item 8: one slice's z
+
+
+def test_a_single_slice_dicom_z_spacing_is_said_and_kept_through_the_output(data, tmp_path, capsys):
+    import json
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # one real CT slice, SliceThickness 5 mm
+    del ds.SpacingBetweenSlices
+    ds.save_as(tmp_path / "one.dcm")
+    assert sitk.ReadImage(str(tmp_path / "one.dcm")).GetSpacing()[2] == 1.0  # what SimpleITK takes instead
+
+    def info(path) -> dict:
+        code, out, err = run(["info", path], capsys)
+        assert code == 0, err
+        return json.loads(out)
+
+    given = info(tmp_path / "one.dcm")
+    assert given["spacing_xyz_mm"][2] == 5.0 and given["spacing_z_from"] == "SliceThickness"
+    for out in (tmp_path / "o.nrrd", tmp_path / "o_dicom"):
+        code, _, err = run(["harmonize", tmp_path / "one.dcm", "--model", data / "filter", "--out", out], capsys)
+        assert code == 0, err
+        assert info(out)["spacing_xyz_mm"][2] == 5.0
+    written = next((tmp_path / "o_dicom").iterdir())
+    assert sitk.ReadImage(str(written)).GetSpacing()[2] == 5.0  # the output says it in a tag every reader takes
+    del ds.SliceThickness
+    ds.save_as(tmp_path / "bare.dcm")
+    with pytest.warns(UserWarning, match="z spacing taken as 1 mm"):
+        bare = info(tmp_path / "bare.dcm")
+    assert bare["spacing_xyz_mm"][2] == 1.0 and bare["spacing_z_from"] == "none"
