@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 import sys
 import warnings
@@ -68,14 +67,7 @@ def _memory_size(text: str) -> int:
     return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"'{text}': must be a finite number")
-    return value
+from .settings import finite_float as _finite_float  # noqa: E402  (one definition; numpy only, no torch)
 
 
 def _positive_float(text: str) -> float:

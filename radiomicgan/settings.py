@@ -216,7 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(on, dest=s.name, action="store_true", default=s.default, help=s.help)
             group.add_argument(off, dest=s.name, action="store_false", help=s.off_help or argparse.SUPPRESS)
         elif s.kind is tuple:
-            parser.add_argument(s.flag, type=_finite, nargs=2,
+            parser.add_argument(s.flag, type=finite_float, nargs=2,
                                 action=_Pair, default=list(s.default), metavar=("LO", "HI"), help=_help(s))
         else:
             parser.add_argument(s.flag, type=s.parse, default=s.default, help=_help(s),
@@ -227,7 +227,8 @@ def _help(s: Setting) -> str:
     return s.help + ("" if s.default is None or "default" in s.help else f" (default {s.default if s.kind is not tuple else ' '.join(f'{v:g}' for v in s.default)})")
 
 
-def _finite(text: str) -> float:
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (inf and nan refused in one line)."""
     try:
         value = float(text)
     except ValueError:

@@ -116,3 +116,36 @@ def ramp_volume(slices=4, rows=24, cols=20) -> np.ndarray:
     """A volume whose every voxel differs: any flip, transpose or slice swap changes it."""
     z, y, x = np.mgrid[0:slices, 0:rows, 0:cols]
     return (-1000 + 7 * x + 31 * y + 401 * z).astype(np.float32)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie awaiting its reaper is dead); reads /proc."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def train_tiny_models(root: Path) -> Path:
+    """A one-epoch RadiomicGAN (``root/gan``, random encoder, no schedule) and a fitted filter (``root/filter``)
+    trained on two 32-pixel phantom pairs: the models the background-job tests run."""
+    from radiomicgan.simulate import simulate_phantom_pairs
+    from radiomicgan.train import TrainConfig, train
+
+    simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=1)
+    train(root / "pairs", root / "gan", TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random",
+                                                    schedule="none", val_slices=1, device="cpu"), progress=False)
+    train(root / "pairs", root / "filter", TrainConfig(method="filter"), progress=False)
+    return root
+
+
+def oblique_scan(slices=2, kernel="B30f"):
+    """A small phantom scan under a rotated direction and odd spacing/origin (geometry must survive a round trip)."""
+    from radiomicgan.simulate import phantom_pair
+    from radiomicgan.volume import CTMetadata, CTVolume
+
+    source, _, _ = phantom_pair(size=32, slices=slices, seed=4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    return CTVolume(hu=source.hu, spacing=(0.7, 0.8, 2.0), origin=(-40.0, 25.0, 90.0),
+                    direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()), meta=CTMetadata(kernel=kernel))

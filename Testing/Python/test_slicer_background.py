@@ -31,18 +31,8 @@ from RadiomicGANLib.process import (  # noqa: E402
     warning_text,
 )
 
+from helpers import alive, oblique_scan, train_tiny_models  # noqa: E402
 from radiomicgan.io import write_volume  # noqa: E402
-from radiomicgan.simulate import phantom_pair  # noqa: E402
-from radiomicgan.volume import CTMetadata, CTVolume  # noqa: E402
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie awaiting its reaper is dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc")
@@ -50,22 +40,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process chec
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from radiomicgan.simulate import simulate_phantom_pairs
-    from radiomicgan.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("models")
-    simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=1)
-    train(root / "pairs", root / "gan", TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random",
-                                                    schedule="none", val_slices=1, device="cpu"), progress=False)
-    train(root / "pairs", root / "filter", TrainConfig(method="filter"), progress=False)
-    return root
+    return train_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def _oblique_scan(slices=2, kernel="B30f") -> CTVolume:
-    source, _, _ = phantom_pair(size=32, slices=slices, seed=4)
-    c, s = np.cos(0.3), np.sin(0.3)
-    return CTVolume(hu=source.hu, spacing=(0.7, 0.8, 2.0), origin=(-40.0, 25.0, 90.0),
-                    direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()), meta=CTMetadata(kernel=kernel))
+_oblique_scan = oblique_scan
 
 
 def _matrix(node) -> np.ndarray:

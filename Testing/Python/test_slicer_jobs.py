@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, alive, oblique_scan, train_tiny_models
 from RadiomicGANLib import dependencies
 from RadiomicGANLib.process import (
     BackgroundProcess,
@@ -27,17 +26,6 @@ from RadiomicGANLib.process import (
 )
 
 from radiomicgan.io import write_volume
-from radiomicgan.simulate import phantom_pair
-from radiomicgan.volume import CTMetadata, CTVolume
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie awaiting its reaper is dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process checks read /proc")
@@ -45,22 +33,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="process chec
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from radiomicgan.simulate import simulate_phantom_pairs
-    from radiomicgan.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("models")
-    simulate_phantom_pairs(root / "pairs", cases=2, size=32, slices=2, seed=1)
-    train(root / "pairs", root / "gan", TrainConfig(epochs=1, steps_per_epoch=2, batch=2, crop=32, vgg_weights="random",
-                                                    schedule="none", val_slices=1, device="cpu"), progress=False)
-    train(root / "pairs", root / "filter", TrainConfig(method="filter"), progress=False)
-    return root
+    return train_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def _oblique_scan(slices=2, kernel="B30f") -> CTVolume:
-    source, _, _ = phantom_pair(size=32, slices=slices, seed=4)
-    c, s = np.cos(0.3), np.sin(0.3)
-    return CTVolume(hu=source.hu, spacing=(0.7, 0.8, 2.0), origin=(-40.0, 25.0, 90.0),
-                    direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()), meta=CTMetadata(kernel=kernel))
+_oblique_scan = oblique_scan
 
 
 # ------------------------------------------------------------------------------------------ BackgroundProcess
