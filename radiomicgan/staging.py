@@ -72,7 +72,7 @@ def public_path(path: str | os.PathLike) -> Path:
     """``path`` with any staging it lies in replaced by that staging's target: the name the user gave."""
     path = Path(path)
     for _ in range(8):  # stagings nest a few deep at most
-        for tmp, target in list(_active.items()):
+        for tmp, target in sorted(_active.items(), key=lambda item: -len(item[0].parts)):  # the innermost first
             if path == tmp or tmp in path.parents:
                 path = target / path.relative_to(tmp)
                 break
