@@ -3,6 +3,8 @@ reading is checked against files whose every tag the test chose."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,32 @@ def ramp_volume(slices=4, rows=24, cols=20) -> np.ndarray:
     """A volume whose every voxel differs: any flip, transpose or slice swap changes it."""
     z, y, x = np.mgrid[0:slices, 0:rows, 0:cols]
     return (-1000 + 7 * x + 31 * y + 401 * z).astype(np.float32)
+
+
+def limit_file_size(limit: int):
+    """A ``preexec_fn``: files the child writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ
+    ignored, so the write fails instead of the process being killed)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """The same limit in this process for the block (raised back after it): a full disk for the code run in it."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

@@ -33,7 +33,8 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def one_error_line(code, err, *names) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if "warning:" not in line and "randomly initialised" not in line]
+    lines = [line for line in err.strip().splitlines()
+             if "warning:" not in line and "note:" not in line and "randomly initialised" not in line]
     assert code == 2 and len(lines) == 1, (code, err)
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
@@ -377,3 +378,75 @@ def test_a_single_slice_dicom_z_spacing_is_said_and_kept_through_the_output(data
     with pytest.warns(UserWarning, match="z spacing taken as 1 mm"):
         bare = info(tmp_path / "bare.dcm")
     assert bare["spacing_xyz_mm"][2] == 1.0 and bare["spacing_z_from"] == "none"
+
+
+# ---------------------------------------------------------------------------------------------- item 1: a full disk
+
+
+def leftovers(*roots: Path) -> list[str]:
+    """Stagings or half-written files left under the roots."""
+    return [str(p) for root in roots if root.exists() for p in root.rglob("*") if "-partial-" in p.name or ".partial" in p.name]
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(data, tmp_path, capsys):
+    from helpers import file_size_limit, write_ct_series
+
+    write_ct_series(tmp_path / "dicom", ramp_volume(3, 16, 16))
+    (tmp_path / "fast.yaml").write_text("setting:\n  binWidth: 25\n  label: 1\nimageType:\n  Original: {}\n"
+                                        "featureClass:\n  firstorder:\n")
+    big = tmp_path / "big.nrrd"  # noise: gzip cannot squeeze it under the limit
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (6, 64, 64)).astype(np.int16)), str(big))
+    out = tmp_path / "out"
+    cases = {  # what is written -> (argv, the output named, what the line says it was)
+        "SimpleITK image": (["harmonize", big, "--model", data / "filter", "--out", out / "h.nrrd"], out / "h.nrrd", "image"),
+        "DICOM series": (["harmonize", tmp_path / "dicom", "--model", data / "filter", "--out", out / "dcm"], out / "dcm", ""),
+        "torch.save": (["train", "--pairs", data / "pairs", "--out", out / "m", "--method", "filter"], out / "m" / "weights.pt",
+                       "model weights"),
+        "phantom pairs": (["simulate", "--out", out / "p", "--cases", 1, "--size", 16, "--slices", 2], out / "p", ""),
+        "report": (["evaluate", "--reference", data / "vol.nrrd", "--candidate", f"a={data / 'vol.nrrd'}", "--out", out / "r",
+                    "--params", tmp_path / "fast.yaml", "--per-range", 3, "--bootstrap", 0, "--workers", 1, "--whole-image"],
+                   out / "r", ""),
+    }
+    for what, (argv, named, kind) in cases.items():
+        with file_size_limit(200):
+            code, _, err = run(argv, capsys)
+        line = one_error_line(code, err, f"cannot write {named}", "No space left on device")
+        assert kind in line, (what, line)
+        assert not out.exists() or not any(out.iterdir()), (what, sorted(out.rglob("*")))
+        assert leftovers(tmp_path) == [], what
+
+
+def test_a_full_disk_in_a_real_process_is_one_line(data, tmp_path):
+    """As the issue met it: ``harmonize big.nrrd ... --out FULLDISK/h.nrrd`` printed 35 lines of SimpleITK traceback."""
+    from helpers import limit_file_size
+
+    big = tmp_path / "big.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).integers(-1000, 1000, (6, 64, 64)).astype(np.int16)), str(big))
+    done = subprocess.run([sys.executable, "-m", "radiomicgan.cli", "harmonize", str(big), "--model", str(data / "filter"),
+                           "--out", str(tmp_path / "full" / "h.nrrd")], capture_output=True, text=True, env=_env(), timeout=120,
+                          preexec_fn=limit_file_size(4096))
+    lines = [line for line in done.stderr.strip().splitlines() if "warning:" not in line]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"cannot write {tmp_path / 'full' / 'h.nrrd'} (image): No space left on device" in lines[0]
+    assert not (tmp_path / "full").exists() or not any((tmp_path / "full").iterdir())
+    assert leftovers(tmp_path) == []
+
+
+def test_a_write_nested_in_another_staging_names_the_users_path(tmp_path):
+    """A folder staged whole (simulate's pairs, demo's folder) whose files are staged again: the line names the
+    file under the user's folder, not under a hidden staging name."""
+    import errno
+
+    from radiomicgan.staging import OutputWriteError, staged
+
+    with pytest.raises(OutputWriteError) as caught:
+        with staged(tmp_path / "outer", directory=True) as outer:
+            with staged(outer / "inner", directory=True) as inner:
+                with staged(inner / "v.nrrd"):
+                    raise OSError(errno.EFBIG, "File too large")
+    assert str(caught.value) == f"cannot write {tmp_path / 'outer' / 'inner' / 'v.nrrd'} (image): No space left on device"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError is not a write fault: left as it is
+        with staged(tmp_path / "x.pt"):
+            raise RuntimeError("a bug")
+    assert list(tmp_path.iterdir()) == []
