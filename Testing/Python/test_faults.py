@@ -450,3 +450,70 @@ def test_a_write_nested_in_another_staging_names_the_users_path(tmp_path):
         with staged(tmp_path / "x.pt"):
             raise RuntimeError("a bug")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- item 7: kills
+
+
+def _start_training(data, out: Path) -> subprocess.Popen:
+    """A pix2pix run of one endless epoch, returned once it is training (its log is open)."""
+    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+            "--method", "pix2pix", "--crop", "32", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
+            "--device", "cpu", "--val-slices", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 120
+    while not (out / "train_log.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)  # into its first steps
+    return proc
+
+
+def test_a_run_killed_in_its_first_epoch_leaves_a_folder_a_new_run_takes_over(data, tmp_path, capsys):
+    out = tmp_path / "m"
+    # SIGHUP (a closed terminal) cancels as SIGTERM does: exit 130, the folder this run made removed, no staging left
+    proc = _start_training(data, out)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert not out.exists() and leftovers(tmp_path) == []
+    # SIGKILL leaves the folder with the run's own log and nothing to resume
+    proc = _start_training(data, out)
+    proc.kill()
+    proc.wait()
+    assert out.is_dir() and not (out / "checkpoint.pt").exists()
+    code, _, err = run(resume_argv(data, out), capsys)
+    one_error_line(code, err, "no epoch was completed", "without --resume")
+    argv = [a for a in resume_argv(data, out) if a != "--resume"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and (out / "checkpoint.pt").is_file() and (out / "model.json").is_file(), err
+    # a folder holding anything a run does not write is never taken over
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train_log.jsonl").write_text("")
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run([a if a != out else other for a in argv], capsys)
+    one_error_line(code, err, "already exists and is not empty")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_resume_removes_what_a_kill_during_a_save_left(data, copy_run, capsys):
+    from radiomicgan.staging import staging_name
+
+    ours = [staging_name(copy_run / name) for name in ("weights.pt", "checkpoint.pt", "gradcam_samples.npz", "model.json")]
+    for path in ours:
+        path.write_bytes(b"\0" * 4096)  # what a SIGKILL during torch.save / np.savez leaves
+    mine = copy_run / ".notes.txt-partial-1-deadbeef.txt"  # the user's, under a name no run writes
+    mine.write_text("mine")
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    assert code == 0, err
+    assert [p for p in ours if p.exists()] == [] and mine.read_text() == "mine"
+    # Grad-CAM samples are staged under a name unique to each write (two runs never share one)
+    names = {staging_name(copy_run / "gradcam_samples.npz") for _ in range(2)}
+    assert len(names) == 2 and all(n.name.endswith(".npz") and n.name.startswith(".gradcam_samples.npz-partial-")
+                                   for n in names)
