@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 from helpers import REPO, write_ct_series
 from scipy import ndimage
