@@ -152,8 +152,13 @@ def plot_calibration(pairs: list[PairCalibration], noises: list[NoiseCalibration
     ax2.set_title("Noise power in uniform soft tissue (shaded: compared band)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from .staging import staged
+
+    try:
+        with staged(path, what="calibration figure") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def fit_presets(pairs: list[PairCalibration], noises: list[NoiseCalibration], anchor: str = "B30") -> dict[str, dict]:

@@ -151,8 +151,8 @@ class ModelCard:
     def write(self, folder: str | Path) -> None:
         """``model.json`` and ``MODEL_CARD.md``, each replaced whole (staged)."""
         folder = Path(folder)
-        write_text(folder / CARD_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
-        write_text(folder / CARD_MD, self.markdown())
+        write_text(folder / CARD_NAME, json.dumps(self.to_dict(), indent=2) + "\n", what="model card")
+        write_text(folder / CARD_MD, self.markdown(), what="model card")
 
     # ------------------------------------------------------------------------------------------ for people
 

@@ -219,8 +219,14 @@ def cmd_calibrate(args) -> int:
             print(f"  {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in values.items()))
     if args.out:
         out = Path(args.out)
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        plot_calibration(pairs, noises, out / "calibration.png")
+        try:
+            plot_calibration(pairs, noises, out / "calibration.png")
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a folder this run made for nothing
+            raise
         print(f"wrote {out / 'calibration.png'}")
     return 0
 

@@ -36,6 +36,7 @@ from .errors import CTInputError, RadiomicGANError
 from .jobs import ExitCode, scans_failed_status
 from .kernels import preset_for_tag
 from .lock import OutputLock
+from .staging import write_fault
 
 # Exit status of a run where scans failed: this base plus the number failed (capped at 63), so a script can read the
 # count; 0 when none failed. (A named constant here until the project's exit codes are unified.)
@@ -339,6 +340,8 @@ def atomic_write(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: one line naming the file (staging.write_fault, as for every output)
+        raise write_fault(exc, [tmp], [path], "cohort " + ("table" if path.suffix == ".csv" else "record")) or exc from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -577,9 +580,13 @@ def process_scan(scan: Scan, settings: Settings, hashes: dict) -> dict:
     record = {"format": MARKER_FORMAT, "scan": scan.id, **hashes, "row": row, "features": features}
     if preview is not None:
         staging = _preview_staging(out, scan.id)
-        with open(staging, "wb") as fh:
-            np.savez_compressed(fh, input=preview[0].astype(np.int16), result=np.rint(preview[1]).astype(np.int16))
-        os.replace(staging, preview_path(out, scan.id))
+        try:
+            with open(staging, "wb") as fh:
+                np.savez_compressed(fh, input=preview[0].astype(np.int16), result=np.rint(preview[1]).astype(np.int16))
+            os.replace(staging, preview_path(out, scan.id))
+        except OSError as exc:
+            staging.unlink(missing_ok=True)
+            raise write_fault(exc, [staging], [preview_path(out, scan.id)], "scan preview") or exc from None
     atomic_write(marker_path(out, scan.id), json.dumps(record, default=_json_default) + "\n")  # last: the scan is done
     return record
 

@@ -3,7 +3,7 @@ modules, through ``RadiomicGANLib.process``): exit codes, the progress and messa
 the names of the files the core writes. Both sides import these names; nothing here imports torch or Slicer.
 
 - Exit codes (``ExitCode``): 0 done, every output written; 2 a problem with the user's input (one
-  ``radiomicgan: error: ...`` line, no traceback); 130 cancelled (Ctrl-C, SIGTERM or a stop request): staged files
+  ``radiomicgan: error: ...`` line, no traceback); 130 cancelled (Ctrl-C, SIGTERM, SIGHUP or a stop request): staged files
   removed, a training keeps its last complete epoch; 64 + n (at most 127) a cohort run in which n scans failed
   alone (the rest done); 1 anything else (a bug: a traceback). A process killed from
   outside has a negative status on POSIX.

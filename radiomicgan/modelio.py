@@ -47,10 +47,10 @@ def build_networks(method: str, arch: dict):
     return REGISTRY[method].build(arch)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, what: str = "model weights") -> None:
     import torch
 
-    with staged(path) as tmp:
+    with staged(path, what=what) as tmp:
         torch.save(obj, tmp)
 
 

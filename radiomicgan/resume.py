@@ -40,7 +40,8 @@ def previous_card(out: Path) -> dict:
     if not out.is_dir():
         raise TrainingError(f"{out}: nothing to resume (no such folder)")
     if not checkpoint.is_file():
-        raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
+        raise TrainingError(f"{out}: nothing to resume (no {CHECKPOINT_NAME}); no epoch was completed: train without "
+                            "--resume to start it anew")
     if not card_path.is_file():
         raise TrainingError(f"{out}: cannot resume: {CARD_NAME} is missing ({CHECKPOINT_NAME} alone does not say how "
                             "the run was trained); train anew in another folder")

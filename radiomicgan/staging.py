@@ -12,13 +12,17 @@ One place for it and for the signals around it::
 
 The staging name ``.NAME-partial-PID-TOKEN[SUFFIX]`` is unique per process and keeps the target's suffix (SimpleITK
 and numpy pick the format from it). Files are flushed to disk (fsync) before the rename. On any exception,
-Ctrl-C or SIGTERM (``sigterm_as_interrupt`` turns it into Ctrl-C's ``KeyboardInterrupt``) the staging is removed;
-the renames themselves run with those signals held (``signals_deferred``), so a cancel finds all outputs or none.
+Ctrl-C, SIGTERM or SIGHUP (``sigterm_as_interrupt`` turns them into Ctrl-C's ``KeyboardInterrupt``) the staging is
+removed; the renames themselves run with those signals held (``signals_deferred``), so a cancel finds all outputs or
+none. A write that fails (a full disk, a file-size limit: an ``OSError``, or the ``RuntimeError`` text SimpleITK's
+writers and ``torch.save`` raise) ends as one ``OutputWriteError`` naming the output and what was being written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import threading
@@ -27,10 +31,82 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import CTInputError
+from .errors import CTInputError, RadiomicGANError
 from .jobs import STAGING_MARK  # the mark programs look for to clean up after a killed run (jobs.staged_leftovers)
 
 COMPOUND_SUFFIXES = (".nii.gz",)
+FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))  # no room: the disk, a quota, a size limit
+# what a writer's RuntimeError says when the file system refused its bytes (SimpleITK/ITK's image IO, torch.save's
+# zip writer); any other RuntimeError (a bug, a shape mismatch, CUDA memory) is left as it is
+WRITE_FAULT_TEXT = re.compile(r"error writing|failed to write|could ?n[o']t write|unable to write|write failed|"
+                              r"failed writing|iostream error|unexpected pos|no space left|file too large|quota",
+                              re.IGNORECASE)
+
+
+class OutputWriteError(RadiomicGANError):
+    """An output could not be written (a full disk, a quota, a size limit, ...): ``cannot write PATH (what): why``.
+    Its staging is removed; the previous output, if any, stays."""
+
+    def __init__(self, path: Path, what: str, reason: str):
+        self.path, self.what, self.reason = Path(path), what, reason
+        super().__init__(f"cannot write {self.path} ({what}): {reason}")
+
+
+_active: dict[Path, Path] = {}  # staging -> its target, so that a write nested in another's staging names the target
+
+_WHAT = {".pt": "PyTorch weights", ".json": "JSON", ".md": "text", ".npz": "arrays", ".png": "figure",
+         ".csv": "table", ".html": "report page", ".txt": "text", ".jsonl": "log"}
+
+
+def describe(target: Path, directory: bool = False) -> str:
+    """What an output is, for the message of a failed write."""
+    if directory:
+        return "folder"
+    name = Path(target).name.lower()
+    if any(name.endswith(s) for s in (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm")):
+        return "image"
+    return _WHAT.get(Path(name).suffix, "file")
+
+
+def public_path(path: str | os.PathLike) -> Path:
+    """``path`` with any staging it lies in replaced by that staging's target: the name the user gave."""
+    path = Path(path)
+    for _ in range(8):  # stagings nest a few deep at most
+        for tmp, target in sorted(_active.items(), key=lambda item: -len(item[0].parts)):  # the innermost first
+            if path == tmp or tmp in path.parents:
+                path = target / path.relative_to(tmp)
+                break
+        else:
+            return path
+    return path
+
+
+def write_fault(exc: BaseException, tmps: Sequence[Path], targets: Sequence[Path], what: str) -> OutputWriteError | None:
+    """The one-line error for a failed write into the stagings ``tmps`` of ``targets``, or None when ``exc`` is no
+    write fault (an error reading an input, a bug: left as it is)."""
+    if isinstance(exc, OutputWriteError):  # from a write nested in one of ours: name the user's path
+        path = public_path(exc.path)
+        return None if path == exc.path else OutputWriteError(path, exc.what, exc.reason)
+    ours = [*tmps, *targets]
+    if isinstance(exc, OSError):
+        name = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes, os.PathLike)) else None
+        mine = name is not None and any(name == p or p in name.parents for p in ours)
+        if exc.errno not in FULL and not mine:
+            return None
+        reason = os.strerror(errno.ENOSPC) if exc.errno in FULL else (exc.strerror or str(exc).splitlines()[0])
+        # a size limit (EFBIG) or a quota is the same to the user as a full disk: no room for the output
+        return OutputWriteError(public_path(name) if mine else _named(str(exc), tmps, targets), what, reason)
+    if isinstance(exc, RuntimeError) and WRITE_FAULT_TEXT.search(str(exc)):
+        return OutputWriteError(_named(str(exc), tmps, targets), what, os.strerror(errno.ENOSPC))
+    return None
+
+
+def _named(text: str, tmps: Sequence[Path], targets: Sequence[Path]) -> Path:
+    """The target whose staging the writer's message names; the first (or their folder) when it names none."""
+    for tmp, target in zip(tmps, targets):
+        if tmp.name in text:
+            return target
+    return targets[0] if len(targets) == 1 else targets[0].parent
 
 
 def staging_name(target: Path) -> Path:
@@ -92,37 +168,46 @@ def replace_into(tmp: Path, target: Path, *, overwrite: bool = True, owned: Call
 
 @contextmanager
 def staged_many(targets: Sequence[str | os.PathLike], *, directory: bool = False, overwrite: bool = True,
-                owned: Callable[[Path], bool] | None = None) -> Iterator[list[Path]]:
+                owned: Callable[[Path], bool] | None = None, what: str | None = None) -> Iterator[list[Path]]:
     """Staging paths for ``targets``, renamed into place together when the block ends without an exception;
     removed otherwise. ``directory``: each staging is made as an empty folder (else nothing is made: the block
-    writes a file, or a folder of its own, there)."""
+    writes a file, or a folder of its own, there). ``what`` the outputs are, for the message of a failed write
+    (``OutputWriteError``, raised in place of the writer's OSError or RuntimeError)."""
     targets = [Path(t) for t in targets]
     tmps = []
     try:
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmps.append(staging_name(target))
-            if directory:
-                tmps[-1].mkdir()
-        yield tmps
-        with signals_deferred():  # milliseconds: a cancel then finds every output or none, never a part
-            for tmp, target in zip(tmps, targets):
-                replace_into(tmp, target, overwrite=overwrite, owned=owned)
+        try:
+            for target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmps.append(staging_name(target))
+                _active[tmps[-1]] = target
+                if directory:
+                    tmps[-1].mkdir()
+            yield tmps
+            with signals_deferred():  # milliseconds: a cancel then finds every output or none, never a part
+                for tmp, target in zip(tmps, targets):
+                    replace_into(tmp, target, overwrite=overwrite, owned=owned)
+        except (OSError, RuntimeError, OutputWriteError) as exc:
+            fault = write_fault(exc, tmps, targets, what or describe(targets[0], directory))
+            if fault is None:
+                raise
+            raise fault from None
     finally:
         for tmp in tmps:
+            _active.pop(tmp, None)
             _remove(tmp)
 
 
 @contextmanager
 def staged(target: str | os.PathLike, *, directory: bool = False, overwrite: bool = True,
-           owned: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+           owned: Callable[[Path], bool] | None = None, what: str | None = None) -> Iterator[Path]:
     """One staged output (see ``staged_many``)."""
-    with staged_many([target], directory=directory, overwrite=overwrite, owned=owned) as (tmp,):
+    with staged_many([target], directory=directory, overwrite=overwrite, owned=owned, what=what) as (tmp,):
         yield tmp
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with staged(path) as tmp:
+def write_text(path: str | os.PathLike, text: str, what: str | None = None) -> None:
+    with staged(path, what=what) as tmp:
         tmp.write_text(text)
 
 
@@ -140,7 +225,7 @@ def signals_deferred():
     if not _main_thread():
         yield
         return
-    names = [n for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)]
+    names = [n for n in ("SIGINT",) + CANCEL_SIGNALS if hasattr(signal, n)]
     previous = {n: signal.signal(getattr(signal, n), lambda *_: None) for n in names}
     try:
         yield
@@ -149,22 +234,28 @@ def signals_deferred():
             signal.signal(getattr(signal, n), handler)
 
 
+# signals that cancel a run as Ctrl-C does: SIGTERM (a program stopping this one, e.g. the Slicer modules) and SIGHUP
+# (the terminal closing, an ssh session dropping)
+CANCEL_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt
 
 
 @contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a program cancelling this one, e.g. the Slicer modules) takes Ctrl-C's path, so every staging is
-    removed on the way out."""
-    if not (_main_thread() and hasattr(signal, "SIGTERM")):
+    """SIGTERM and SIGHUP take Ctrl-C's path, so every staging is removed on the way out."""
+    names = [n for n in CANCEL_SIGNALS if hasattr(signal, n)]
+    if not (_main_thread() and names):
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {n: signal.signal(getattr(signal, n), _terminated) for n in names}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
 
 
 @contextmanager

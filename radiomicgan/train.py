@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from .modelio import (
     safe_load,
 )
 from .settings import TrainConfig
-from .staging import on_interrupt, staged
+from .staging import on_interrupt, staged, write_fault
 from .window import WindowSchedule, apply_window, growing_steps_per_window, select_window, window_weight
 from .jobs import CAM_PLOT, CAM_SAMPLES, CANCEL_NAME, LOG_NAME, WINDOWS_PLOT  # noqa: E402,F401  (shared with the programs that read them)
 
@@ -225,13 +226,34 @@ def train(
         raise
 
 
+def _run_files() -> tuple[str, ...]:
+    """The names a training run writes into its model folder."""
+    from .card import CARD_MD
+
+    return (CARD_NAME, CARD_MD, WEIGHTS_NAME, CHECKPOINT_NAME, LOG_NAME, CANCEL_NAME, CAM_SAMPLES, WINDOWS_PLOT, CAM_PLOT)
+
+
 def _prepare_output(out: Path, resume: bool, config: TrainConfig, kernels=(None, None)) -> None:
+    """Called with the output's lock held (the command line's ``command_lock``): no other run writes here, so what
+    killed runs staged under our names is removed, and a folder whose run was killed before its first epoch ended
+    (no model card: nothing to resume) is taken over by a new run when it holds only a run's own files."""
+    from .jobs import staged_leftovers
+
+    names = _run_files()
+    if out.is_dir():
+        for leftover in (p for name in names for p in staged_leftovers(out / name)):
+            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
     if resume:
         from .resume import check_resume
 
         check_resume(out, config, kernels)  # a damaged folder, other settings or kernel direction: one line
     elif out.exists() and any(p.name != CANCEL_NAME for p in out.iterdir()):
-        raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
+        entries = list(out.iterdir())
+        if (out / CARD_NAME).exists() or not all(p.is_file() and not p.is_symlink() and p.name in names for p in entries):
+            raise TrainingError(f"{out}: already exists and is not empty; use --resume to continue it or choose another folder")
+        for entry in entries:  # a run killed in its first epoch: nothing complete to keep
+            if entry.name != CANCEL_NAME:
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -341,7 +363,7 @@ class _Run:
 
             self.bar = tqdm(total=self.total_steps, initial=self.start_epoch * config.steps_per_epoch,
                             desc=f"train {config.method}", unit="step")
-        self.log = open(out / LOG_NAME, "a") if dist.main else None
+        self.log = open(out / LOG_NAME, "ab", buffering=0) if dist.main else None
 
     def _resume(self, torch) -> None:
         """Continue from ``checkpoint.pt``; a damaged or mismatched checkpoint is one ``TrainingError`` (resume.py)."""
@@ -365,8 +387,15 @@ class _Run:
         torch.manual_seed(self.config.seed + self.start_epoch)
 
     def _write_log(self, record: dict) -> None:
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
+        """One whole line or none: a write the disk refuses is cut back and named (``OutputWriteError``)."""
+        data, start = (json.dumps(record) + "\n").encode(), self.log.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.log.write(view):]
+        except OSError as exc:
+            os.ftruncate(self.log.fileno(), start)
+            raise write_fault(exc, [], [self.out / LOG_NAME], "training log") or exc from None
 
     def train_epoch(self, epoch: int, cancel) -> dict | None:
         """``steps_per_epoch`` steps; their mean losses and generator accuracy, or None when cancelled."""
@@ -572,8 +601,8 @@ def _save(out, card, generator, discriminator, opt_g, opt_d, schedule, epoch, st
         weights = {"generator": generator.state_dict()}
         if discriminator is not None:
             weights["discriminator"] = discriminator.state_dict()
-        atomic_torch_save(weights, out / WEIGHTS_NAME)
-    atomic_torch_save(checkpoint, out / CHECKPOINT_NAME)
+        atomic_torch_save(weights, out / WEIGHTS_NAME, "weights of the best epoch")
+    atomic_torch_save(checkpoint, out / CHECKPOINT_NAME, "training checkpoint")
     card.write(out)
 
 
@@ -620,7 +649,8 @@ def _plots(out: Path, card: ModelCard, generator, discriminator, val, config, de
         ax.set_title(f"Dynamic window-based training: {card.schedule} schedule")
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
         fig.tight_layout()
-        fig.savefig(out / WINDOWS_PLOT, dpi=100)
+        with staged(out / WINDOWS_PLOT, what="window history figure") as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
     _cam_plot(out, config.th_fail, config.hu_range)
 
@@ -633,7 +663,7 @@ def _cam_samples(out: Path, generator, discriminator, val, config, device) -> bo
     shapes = {s.shape for s, _ in val}
     samples = np.stack([s for s, _ in val][:3] if len(shapes) == 1 else [val[0][0]])
     synthesized, cams = synthesize_with_cam(generator, discriminator, samples, config.hu_range, device)
-    with staged(out / CAM_SAMPLES) as tmp:
+    with staged(out / CAM_SAMPLES, what="Grad-CAM samples") as tmp:
         np.savez_compressed(tmp, source=samples, synthesized=synthesized, cam=cams)
     return True
 
@@ -662,5 +692,6 @@ def _cam_plot(out: Path, th_fail: float, hu_range) -> None:
         for ax in axes[row]:
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / CAM_PLOT, dpi=80)
+    with staged(out / CAM_PLOT, what="Grad-CAM figure") as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)

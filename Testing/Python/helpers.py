@@ -3,6 +3,8 @@ reading is checked against files whose every tag the test chose."""
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +151,32 @@ def oblique_scan(slices=2, kernel="B30f"):
     c, s = np.cos(0.3), np.sin(0.3)
     return CTVolume(hu=source.hu, spacing=(0.7, 0.8, 2.0), origin=(-40.0, 25.0, 90.0),
                     direction=tuple(np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).ravel()), meta=CTMetadata(kernel=kernel))
+
+
+def limit_file_size(limit: int):
+    """A ``preexec_fn``: files the child writes past ``limit`` bytes fail with EFBIG, as on a full disk (SIGXFSZ
+    ignored, so the write fails instead of the process being killed)."""
+    import resource
+    import signal
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return apply
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """The same limit in this process for the block (raised back after it): a full disk for the code run in it."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

@@ -424,6 +424,32 @@ def test_no_subcommand_shows_a_traceback_on_malformed_arguments(data, work, caps
     with CohortLock(work / "busy_c"):
         code, _, err = run(["cohort", data, "--model", data / "filter", "--out", work / "busy_c"], capsys)
     assert_user_error(code, err, "busy_c", "another cohort run")
+    # a full disk (issue 20; a file-size limit, which fails writes as a full disk does): every subcommand that writes
+    # says which output it could not write in one line, and leaves no staging behind
+    from helpers import file_size_limit
+
+    big = write_nrrd(work / "big.nrrd", np.random.default_rng(0).integers(-1000, 1000, (3, 64, 64)))
+    full = work / "full"
+    full_disk = {
+        "simulate": [["--out", full / "p", "--cases", 1, "--size", 16, "--slices", 1],
+                     ["--from", big, "--kernel", "B50", "--source-kernel", "B30", "--out", full / "s.nrrd"]],
+        "calibrate": [[f"B30={big}", f"B50={big}", "--out", full / "cal"]],
+        "train": [["--pairs", data / "pairs", "--out", full / "m", "--method", "filter"]],
+        "harmonize": [[big, "--model", data / "filter", "--out", full / "h.nrrd"], [data / "dicom", "--model", data / "filter", "--out", full / "d"]],
+        "evaluate": [["--reference", vol, "--candidate", f"a={vol}", "--out", full / "r", "--params", data / "fast.yaml",
+                      "--per-range", 3, "--bootstrap", 0, "--workers", 1, "--whole-image"]],
+        "demo": [["--out", full / "demo", "--size", 16]],
+        "cohort": [[data / "pairs32", "--model", data / "filter", "--out", full / "c", "--workers", 1]],
+    }
+    assert set(full_disk) | {"info"} == set(build_parser()._subparsers._group_actions[0].choices)  # info writes nothing
+    for command, cases in full_disk.items():
+        for argv in cases:
+            with file_size_limit(200):
+                code, _, err = run([command, *argv], capsys)
+            lines = [line for line in err.strip().splitlines() if "warning:" not in line and "note:" not in line]
+            assert code == 2 and "Traceback" not in err and len(lines) == 1, (command, argv, err)
+            assert f"cannot write {full}" in lines[0] and "No space left on device" in lines[0], (command, lines[0])
+            assert not [p for p in work.rglob("*") if "-partial-" in p.name], (command, sorted(work.rglob("*")))
     # and a real process, as a user runs it: the handler is in main(), not in the tests
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", data / "pairs", "--out", work / "afile" / "m",

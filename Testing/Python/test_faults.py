@@ -33,7 +33,8 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def one_error_line(code, err, *names) -> str:
     assert "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if "warning:" not in line and "randomly initialised" not in line]
+    lines = [line for line in err.strip().splitlines()
+             if "warning:" not in line and "note:" not in line and "randomly initialised" not in line]
     assert code == 2 and len(lines) == 1, (code, err)
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
@@ -377,3 +378,142 @@ def test_a_single_slice_dicom_z_spacing_is_said_and_kept_through_the_output(data
     with pytest.warns(UserWarning, match="z spacing taken as 1 mm"):
         bare = info(tmp_path / "bare.dcm")
     assert bare["spacing_xyz_mm"][2] == 1.0 and bare["spacing_z_from"] == "none"
+
+
+# ---------------------------------------------------------------------------------------------- item 1: a full disk
+
+
+def leftovers(*roots: Path) -> list[str]:
+    """Stagings or half-written files left under the roots."""
+    return [str(p) for root in roots if root.exists() for p in root.rglob("*") if "-partial-" in p.name or ".partial" in p.name]
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(data, tmp_path, capsys):
+    from helpers import file_size_limit, write_ct_series
+
+    write_ct_series(tmp_path / "dicom", ramp_volume(3, 16, 16))
+    (tmp_path / "fast.yaml").write_text("setting:\n  binWidth: 25\n  label: 1\nimageType:\n  Original: {}\n"
+                                        "featureClass:\n  firstorder:\n")
+    big = tmp_path / "big.nrrd"  # noise: gzip cannot squeeze it under the limit
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 1000, (6, 64, 64)).astype(np.int16)), str(big))
+    out = tmp_path / "out"
+    cases = {  # what is written -> (argv, the output named, what the line says it was)
+        "SimpleITK image": (["harmonize", big, "--model", data / "filter", "--out", out / "h.nrrd"], out / "h.nrrd", "image"),
+        "DICOM series": (["harmonize", tmp_path / "dicom", "--model", data / "filter", "--out", out / "dcm"], out / "dcm", ""),
+        "torch.save": (["train", "--pairs", data / "pairs", "--out", out / "m", "--method", "filter"], out / "m" / "weights.pt",
+                       "model weights"),
+        "phantom pairs": (["simulate", "--out", out / "p", "--cases", 1, "--size", 16, "--slices", 2], out / "p", ""),
+        "report": (["evaluate", "--reference", data / "vol.nrrd", "--candidate", f"a={data / 'vol.nrrd'}", "--out", out / "r",
+                    "--params", tmp_path / "fast.yaml", "--per-range", 3, "--bootstrap", 0, "--workers", 1, "--whole-image"],
+                   out / "r", ""),
+    }
+    for what, (argv, named, kind) in cases.items():
+        with file_size_limit(200):
+            code, _, err = run(argv, capsys)
+        line = one_error_line(code, err, f"cannot write {named}", "No space left on device")
+        assert kind in line, (what, line)
+        assert not out.exists() or not any(out.iterdir()), (what, sorted(out.rglob("*")))
+        assert leftovers(tmp_path) == [], what
+
+
+def test_a_full_disk_in_a_real_process_is_one_line(data, tmp_path):
+    """As the issue met it: ``harmonize big.nrrd ... --out FULLDISK/h.nrrd`` printed 35 lines of SimpleITK traceback."""
+    from helpers import limit_file_size
+
+    big = tmp_path / "big.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(1).integers(-1000, 1000, (6, 64, 64)).astype(np.int16)), str(big))
+    done = subprocess.run([sys.executable, "-m", "radiomicgan.cli", "harmonize", str(big), "--model", str(data / "filter"),
+                           "--out", str(tmp_path / "full" / "h.nrrd")], capture_output=True, text=True, env=_env(), timeout=120,
+                          preexec_fn=limit_file_size(4096))
+    lines = [line for line in done.stderr.strip().splitlines() if "warning:" not in line]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert f"cannot write {tmp_path / 'full' / 'h.nrrd'} (image): No space left on device" in lines[0]
+    assert not (tmp_path / "full").exists() or not any((tmp_path / "full").iterdir())
+    assert leftovers(tmp_path) == []
+
+
+def test_a_write_nested_in_another_staging_names_the_users_path(tmp_path):
+    """A folder staged whole (simulate's pairs, demo's folder) whose files are staged again: the line names the
+    file under the user's folder, not under a hidden staging name."""
+    import errno
+
+    from radiomicgan.staging import OutputWriteError, staged
+
+    with pytest.raises(OutputWriteError) as caught:
+        with staged(tmp_path / "outer", directory=True) as outer:
+            with staged(outer / "inner", directory=True) as inner:
+                with staged(inner / "v.nrrd"):
+                    raise OSError(errno.EFBIG, "File too large")
+    assert str(caught.value) == f"cannot write {tmp_path / 'outer' / 'inner' / 'v.nrrd'} (image): No space left on device"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError is not a write fault: left as it is
+        with staged(tmp_path / "x.pt"):
+            raise RuntimeError("a bug")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- item 7: kills
+
+
+def _start_training(data, out: Path) -> subprocess.Popen:
+    """A pix2pix run of one endless epoch, returned once it is training (its log is open)."""
+    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+            "--method", "pix2pix", "--crop", "32", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
+            "--device", "cpu", "--val-slices", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 120
+    while not (out / "train_log.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)  # into its first steps
+    return proc
+
+
+def test_a_run_killed_in_its_first_epoch_leaves_a_folder_a_new_run_takes_over(data, tmp_path, capsys):
+    out = tmp_path / "m"
+    # SIGHUP (a closed terminal) cancels as SIGTERM does: exit 130, the folder this run made removed, no staging left
+    proc = _start_training(data, out)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+    assert not out.exists() and leftovers(tmp_path) == []
+    # SIGKILL leaves the folder with the run's own log and nothing to resume
+    proc = _start_training(data, out)
+    proc.kill()
+    proc.wait()
+    assert out.is_dir() and not (out / "checkpoint.pt").exists()
+    code, _, err = run(resume_argv(data, out), capsys)
+    one_error_line(code, err, "no epoch was completed", "without --resume")
+    argv = [a for a in resume_argv(data, out) if a != "--resume"]
+    code, _, err = run(argv, capsys)
+    assert code == 0 and (out / "checkpoint.pt").is_file() and (out / "model.json").is_file(), err
+    # a folder holding anything a run does not write is never taken over
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train_log.jsonl").write_text("")
+    (other / "notes.txt").write_text("mine")
+    code, _, err = run([a if a != out else other for a in argv], capsys)
+    one_error_line(code, err, "already exists and is not empty")
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_resume_removes_what_a_kill_during_a_save_left(data, copy_run, capsys):
+    from radiomicgan.staging import staging_name
+
+    ours = [staging_name(copy_run / name) for name in ("weights.pt", "checkpoint.pt", "gradcam_samples.npz", "model.json")]
+    for path in ours:
+        path.write_bytes(b"\0" * 4096)  # what a SIGKILL during torch.save / np.savez leaves
+    mine = copy_run / ".notes.txt-partial-1-deadbeef.txt"  # the user's, under a name no run writes
+    mine.write_text("mine")
+    code, _, err = run(resume_argv(data, copy_run), capsys)
+    assert code == 0, err
+    assert [p for p in ours if p.exists()] == [] and mine.read_text() == "mine"
+    # Grad-CAM samples are staged under a name unique to each write (two runs never share one)
+    names = {staging_name(copy_run / "gradcam_samples.npz") for _ in range(2)}
+    assert len(names) == 2 and all(n.name.endswith(".npz") and n.name.startswith(".gradcam_samples.npz-partial-")
+                                   for n in names)
