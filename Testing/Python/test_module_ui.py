@@ -102,15 +102,25 @@ def answers(widget, attribute: str) -> bool:
     return hasattr(widget, attribute)
 
 
+def ui_files(module: str) -> list:
+    """The panel's .ui and those of its sections (e.g. the Harmonize panel's cohort section), each loaded apart."""
+    files = sorted((REPO / module / "Resources" / "UI").glob("*.ui"))
+    assert REPO / module / "Resources" / "UI" / f"{module}.ui" in files
+    return files
+
+
+UI_FILES = [path for module in MODULES for path in ui_files(module)]
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_ui_widget_the_module_uses_survives_qts_loader_with_a_fitting_type(loader, module):
-    root = load(loader, REPO / module / "Resources" / "UI" / f"{module}.ui")
+    roots = [load(loader, path) for path in ui_files(module)]
     source = (REPO / module / f"{module}.py").read_text()
     used = uses(source)
     assert used
     problems = []
     for name, attributes in sorted(used.items()):
-        widget = root.findChild(QtWidgets.QWidget, name)
+        widget = next((w for w in (root.findChild(QtWidgets.QWidget, name) for root in roots) if w is not None), None)
         if widget is None:
             problems.append(f"{name}: not in the loaded widget tree")
             continue
@@ -118,10 +128,9 @@ def test_every_ui_widget_the_module_uses_survives_qts_loader_with_a_fitting_type
     assert problems == []
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_qts_loader_keeps_every_named_widget_of_the_ui_file(loader, module):
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_qts_loader_keeps_every_named_widget_of_the_ui_file(loader, path):
     """Nothing the file declares is dropped on loading (two widgets in one layout item keep only the last)."""
-    path = REPO / module / "Resources" / "UI" / f"{module}.ui"
     declared = {w.get("name") for w in ET.parse(path).iter("widget")}
     root = load(loader, path)
     loaded = {w.objectName() for w in root.findChildren(QtWidgets.QWidget)} | {root.objectName()}
@@ -141,9 +150,8 @@ def test_the_loader_really_drops_a_second_widget_of_one_item(loader, tmp_path):
 
 def test_volume_selectors_offer_no_label_maps(loader):
     """A label map is a scalar volume's child class: selectors for CT volumes hide child node types."""
-    for module in MODULES:
-        root = load(loader, REPO / module / "Resources" / "UI" / f"{module}.ui")
-        path = REPO / module / "Resources" / "UI" / f"{module}.ui"
+    for path in UI_FILES:
+        root, module = load(loader, path), path.stem
         for element in ET.parse(path).iter("widget"):
             types = [s.text for p in element.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
             if types == ["vtkMRMLScalarVolumeNode"]:
