@@ -21,7 +21,7 @@ the names of the files the core writes. Both sides import these names; nothing h
   the program that started it is gone) takes Ctrl-C's path. harmonize and evaluate remove what they staged and
   exit 130; train stops after the current step and keeps its last complete epoch (a second ``stop`` aborts the
   step). This works on every platform, Windows included, where there is no SIGTERM to a process group.
-- Files: outputs are staged under ``staging_name`` and renamed into place; ``staged_leftovers`` finds what a killed
+- Files: outputs are staged under ``radiomicgan.staging.staging_name`` (marked ``STAGING_MARK``) and renamed into place; ``staged_leftovers`` finds what a killed
   run left. ``gradcam_paths`` names the Grad-CAM maps and windows of ``harmonize --gradcam``; ``MODEL_FIGURES``
   the figures training writes into a model folder.
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import uuid
 from enum import IntEnum
 from pathlib import Path
 
@@ -98,12 +97,6 @@ def warning_text(line: str) -> str | None:
 
 def error_text(line: str) -> str | None:
     return line[len(ERROR_PREFIX):] if line.startswith(ERROR_PREFIX) else None
-
-
-def staging_name(path, suffix: str = "") -> Path:
-    """A hidden name beside ``path`` to write to before renaming into place (a failed run leaves no half file)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}{STAGING_MARK}{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def staged_leftovers(path) -> list[Path]:
