@@ -121,7 +121,8 @@ def write_pairs(folder: Path, source: CTVolume, target: CTVolume, kernels, extra
                                             "extra_pairs": extra})
 
 
-def train_config(method: str, seed: int, args):
+def train_config(method: str, seed: int, args, variant: dict | None = None):
+    """The method's TrainConfig at the benchmark's budget, with --config and then the variant's own settings."""
     from radiomicgan.train import TrainConfig
 
     if method in ("filter", "histmatch"):
@@ -129,10 +130,10 @@ def train_config(method: str, seed: int, args):
     name, _, schedule = method.partition("-")
     return TrainConfig(method=name, schedule=schedule or "none", epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                        batch=args.batch, crop=args.crop, vgg_weights=args.vgg_weights, device=args.device, seed=seed,
-                       **json.loads(args.config))
+                       **{**json.loads(args.config), **(variant or {})})
 
 
-def run_method(method: str, seed: int, manifest: Path, folder: Path, source: CTVolume, args) -> tuple[np.ndarray, float]:
+def run_method(method: str, seed: int, manifest: Path, folder: Path, source: CTVolume, args, variant: dict | None = None) -> tuple[np.ndarray, float]:
     """Train (or reuse the finished model in ``folder``) and harmonize the evaluation region."""
     from radiomicgan.harmonize import harmonize_hu
     from radiomicgan.modelio import load_model
@@ -146,7 +147,7 @@ def run_method(method: str, seed: int, manifest: Path, folder: Path, source: CTV
 
         shutil.rmtree(folder)  # an interrupted run: start the model again
     started = time.perf_counter()
-    train(manifest, folder, train_config(method, seed, args), progress=False)
+    train(manifest, folder, train_config(method, seed, args, variant), progress=False)
     seconds = time.perf_counter() - started
     image = harmonize_hu(load_model(folder), source.hu, source.spacing[:2], device=args.device)[0]
     np.save(image_file, image)
@@ -176,15 +177,19 @@ def run_domain(name: str, domain: dict, args, out: Path) -> dict:
                            args.extra_pairs, domain["presets"])
     label = f" {args.label}" if args.label else ""
     images, rows = {}, []
-    for method in args.methods:
+    for entry in args.methods:
+        method, _, tag = entry.partition(":")
+        shown = f"{method}{f' {tag}' if tag else ''}{label}"
         for seed in ([0] if method in ("input", "filter", "histmatch") else args.seeds):
-            key = f"{method}{label} s{seed}"
+            key = f"{shown} s{seed}"
             if method == "input":
                 image, seconds = eval_s, 0.0
             else:
-                image, seconds = run_method(method, seed, manifest, base / "models" / f"{method}{args.label and '-' + args.label}{args.extra_pairs and f'-x{args.extra_pairs}' or ''}-s{seed}", source, args)
+                stem = f"{method}{tag and '-' + tag}{args.label and '-' + args.label}{args.extra_pairs and f'-x{args.extra_pairs}' or ''}"
+                image, seconds = run_method(method, seed, manifest, base / "models" / f"{stem}-s{seed}", source, args,
+                                            args.variants.get(entry))
             images[key] = image
-            rows.append({"domain": name, "method": method + label, "seed": seed, "psnr_db": psnr(eval_t, image),
+            rows.append({"domain": name, "method": shown, "seed": seed, "psnr_db": psnr(eval_t, image),
                          "ssim": ssim(eval_t, image), "train_seconds": seconds})
             print(f"  {name} {args.split} {key}: PSNR {rows[-1]['psnr_db']:.2f} dB, SSIM {rows[-1]['ssim']:.4f}, "
                   f"trained {seconds:.0f} s", flush=True)
@@ -228,7 +233,10 @@ def main(argv=None) -> int:
     parser.add_argument("--split", choices=("test", "dev"), default="test", help="dev: choose on it; test: report")
     parser.add_argument("--domains", default="siemens,toshiba")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}; "
+                        "METHOD:TAG is a variant of METHOD with the settings --variants gives TAG")
+    parser.add_argument("--variants", default="{}", help='JSON {"METHOD:TAG": {TrainConfig fields}}, e.g. '
+                        '\'{"choe:lr1e-3": {"lr": 1e-3}}\': a baseline at another setting beside its default, in one table')
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--steps-per-epoch", type=int, default=50)
@@ -245,9 +253,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for models, images, summary.json and table.md")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(args.methods) - set(METHODS)
+    unknown = {m.partition(":")[0] for m in args.methods} - set(METHODS)
     if unknown:
         parser.error(f"unknown method(s) {sorted(unknown)}")
+    args.variants = json.loads(args.variants)
+    missing = [m for m in args.methods if ":" in m and m not in args.variants]
+    if missing:
+        parser.error(f"--variants gives no settings for {missing}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     out = args.out or Path(tempfile.mkdtemp(prefix="real_slice-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -258,6 +270,7 @@ def main(argv=None) -> int:
         machine += f" ({torch.cuda.get_device_name()})"
     budget = (f"{args.epochs} epochs x {args.steps_per_epoch} steps of batch {args.batch}, {args.crop}x{args.crop} crops, "
               f"VGG {args.vgg_weights}" + (f", config {args.config}" if args.config != "{}" else "")
+              + (f", variants {json.dumps(args.variants)}" if args.variants else "")
               + (f", {args.extra_pairs} simulated pairs more" if args.extra_pairs else ""))
     results, text = {}, []
     for name in [d.strip() for d in args.domains.split(",") if d.strip()]:
