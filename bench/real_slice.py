@@ -128,9 +128,9 @@ def train_config(method: str, seed: int, args, variant: dict | None = None):
     if method in ("filter", "histmatch"):
         return TrainConfig(method=method, schedule="none", seed=seed)
     name, _, schedule = method.partition("-")
-    return TrainConfig(method=name, schedule=schedule or "none", epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                       batch=args.batch, crop=args.crop, vgg_weights=args.vgg_weights, device=args.device, seed=seed,
-                       **{**json.loads(args.config), **(variant or {})})
+    budget = dict(epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch=args.batch, crop=args.crop,
+                  vgg_weights=args.vgg_weights, device=args.device, seed=seed)
+    return TrainConfig(method=name, schedule=schedule or "none", **{**budget, **json.loads(args.config), **(variant or {})})
 
 
 def run_method(method: str, seed: int, manifest: Path, folder: Path, source: CTVolume, args, variant: dict | None = None) -> tuple[np.ndarray, float]:
