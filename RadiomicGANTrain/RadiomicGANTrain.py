@@ -476,7 +476,7 @@ class RadiomicGANTrainLogic(ScriptedLoadableModuleLogic):
         """Train from a pairs manifest, or from two loaded volumes of one scan (written to a temporary pairs set).
         ``settings``: any training setting of the core (``radiomicgan.settings``) by its panel or camelCase name
         (``method``, ``epochs``, ``stepsPerEpoch``, ``thAcc``, ``learningRate``, ``crop``, ``vggWeights``, ...); one
-        left out keeps the core's default; ``learningRate`` None (or 0): the method's (2e-4 RadiomicGAN, 1e-4 Choe).
+        left out keeps the core's default; ``learningRate`` None (or 0): the method's (4e-4 RadiomicGAN, 1e-4 Choe).
 
         ``waitForCompletion=True``: blocks and returns the ``TrainingPlots`` (table and chart nodes of the log;
         ``.status`` says completed or cancelled); raises RuntimeError when the training failed.

@@ -128,8 +128,8 @@ class TrainConfig:
                               panel_maximum=100000)
     batch: int = setting(int, 4, "crops per step", minimum=1, panel="batch", panel_maximum=256)
     crop: int = setting(int, 128, "training crop size in pixels", minimum=8)
-    lr: float | None = setting(float, None, "Adam learning rate (default: the method's, 2e-4 for radiomicgan and pix2pix, "
-                               "measured; 1e-4 for choe, as published)", minimum=0.0, open_minimum=True, optional=True,
+    lr: float | None = setting(float, None, "Adam learning rate (default: the method's, 4e-4 for radiomicgan, measured; 2e-4 for "
+                               "pix2pix; 1e-4 for choe, as published)", minimum=0.0, open_minimum=True, optional=True,
                                panel="learningRate", panel_maximum=0.1)
     beta1: float = setting(float, 0.5, "Adam beta1, the paper's momentum", minimum=0.0, maximum=1.0, open_maximum=True)
     lr_decay: bool = setting(bool, True, "pix2pix's learning rate schedule: constant for the first half of the steps, then "

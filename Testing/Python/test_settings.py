@@ -55,7 +55,7 @@ def test_out_of_range_values_are_refused_the_same_way_everywhere(name, bad, caps
 
 def test_methods_bring_their_own_defaults_and_needs():
     assert TrainConfig(method="choe").check().lr == methods.REGISTRY["choe"].default_lr == 1e-4
-    assert TrainConfig().check().lr == 2e-4 and TrainConfig().check().schedule == "dwt"
+    assert TrainConfig().check().lr == 4e-4 and TrainConfig().check().schedule == "dwt"
     assert TrainConfig(method="pix2pix").check().schedule == "none"
     with pytest.raises(TrainingError, match="fitted in closed form"):
         TrainConfig(method="filter", schedule="dwt").check()
