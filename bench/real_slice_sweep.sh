@@ -9,8 +9,8 @@
 # beside it). SWEEP_SPLITS (default "dev test"): dev = the variants, PSNR/SSIM only, on training pixels (choices
 # are made there); test = every method with reproducible features, on the held-out pixels (what the README
 # reports). Every run is its own process (the GPU is far from busy with one small-crop run); each gets LIMIT
-# seconds. Size: the dev split is 12 processes, 11 of them 6 RadiomicGAN runs each (3 seeds x 2 domains); the test
-# split 5 processes of 6 runs, with features; a demo-budget run is some 20 s on an H100/H200, so each split is a
+# seconds. Size: the dev split is 13 processes (14 with VGG_FILE), most of them 6 RadiomicGAN runs each (3 seeds x
+# 2 domains); the test split 6 (7) processes of 6 runs, with features; a demo-budget run is some 20 s on an H100/H200, so each split is a
 # few minutes of GPU (SEEDS=0 for a first look). SWEEP_ARGS are added to every run (e.g. a smoke test's "--epochs 1 --steps-per-epoch 2"). Then one table per split: OUT_DIR/sweep-dev.md, OUT_DIR/sweep-test.md, and OUT_DIR/sweep.md (both).
 set -u
 DATA=$1
@@ -20,6 +20,10 @@ PY=${PYTHON:-python3}
 LIMIT=${LIMIT:-500}
 SEEDS=${SEEDS:-0,1,2}
 WORKERS=${WORKERS:-2}
+VGG_FILE=${VGG_FILE:-}  # an ImageNet VGG-19 weights file: adds the ImageNet-encoder runs (the path a user with internet gets)
+# Each network at other learning rates than its default (RadiomicGAN 4e-4, Choe's published 1e-4): a baseline tuned
+# on the dev split the way RadiomicGAN's rate was is the fair comparison; the test split runs Choe at 1e-3 beside it.
+LR_VARIANTS='{"radiomicgan-dwt:lr2e-4": {"lr": 2e-4}, "radiomicgan-dwt:lr6e-4": {"lr": 6e-4}, "choe:lr4e-4": {"lr": 4e-4}, "choe:lr1e-3": {"lr": 1e-3}}'
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT/runs"
 
@@ -27,7 +31,7 @@ run() { # SPLIT NAME METHODS CONFIG_JSON [EXTRA_ARGS...]
     local split=$1 name=$2 methods=$3 config=$4
     shift 4
     local label=$name
-    [ "$config" = "{}" ] && [ $# -eq 0 ] && label=""
+    [ "$config" = "{}" ] && { [ $# -eq 0 ] || [ "$1" = --variants ]; } && label=""  # a variant's tag names it
     local features=(--no-features)
     [ "$split" = test ] && features=(--workers "$WORKERS")
     timeout "$LIMIT" "$PY" bench/real_slice.py --data "$DATA" --device "$DEVICE" --split "$split" --seeds "$SEEDS" \
@@ -49,6 +53,8 @@ for split in ${SWEEP_SPLITS:-dev test}; do
         run dev focus radiomicgan-dwt '{"window_scaling": "focus"}' &
         run dev extra4 radiomicgan-dwt '{}' --extra-pairs 4 &
         run dev contrast radiomicgan-dwt '{"contrast_jitter": 0.2}' &
+        run dev lr radiomicgan-dwt:lr2e-4,radiomicgan-dwt:lr6e-4,choe:lr4e-4,choe:lr1e-3 '{}' --variants "$LR_VARIANTS" &
+        [ -n "$VGG_FILE" ] && run dev imagenet radiomicgan-dwt '{}' --vgg-weights "$VGG_FILE" &
         wait
     else
         run test baselines input,filter,choe '{}' &
@@ -56,6 +62,8 @@ for split in ${SWEEP_SPLITS:-dev test}; do
         run test none radiomicgan-none '{}' &
         run test fixed radiomicgan-fixed '{}' &
         run test dynamic radiomicgan-dynamic '{}' &
+        run test choe-lr choe:lr1e-3 '{}' --variants '{"choe:lr1e-3": {"lr": 1e-3}}' &
+        [ -n "$VGG_FILE" ] && run test imagenet radiomicgan-dwt '{}' --vgg-weights "$VGG_FILE" &
         wait
     fi
 done
