@@ -115,12 +115,17 @@ def gradcam_paths(cam_output, suffix: str) -> tuple[Path, Path, Path]:
 
 def watch_stdin_for_stop(stream=None) -> threading.Thread:
     """Start a daemon thread that turns a ``stop`` line on stdin, or stdin closing, into Ctrl-C for the main
-    thread: SIGINT to it on POSIX (which also wakes a blocking wait), ``_thread.interrupt_main`` elsewhere."""
+    thread: SIGINT to it on POSIX (which also wakes a blocking wait), ``_thread.interrupt_main`` elsewhere.
+    Called from the main thread. A process started in the background of a shell (``cmd &``, nohup, an application
+    launched that way) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: the stop request
+    would be lost and Cancel would do nothing, so Python's own handler is put back; the caller asked to be stoppable."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     stream = sys.stdin if stream is None else stream
 
     def interrupt() -> None:
-        import signal
-
         if hasattr(signal, "pthread_kill"):
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         else:

@@ -89,6 +89,33 @@ def test_two_trains_started_together_on_one_folder_one_refuses(data, tmp_path):
     assert not lock_path(out).exists()  # a finished run leaves only its output
 
 
+def test_a_stop_request_reaches_a_run_started_with_ctrl_c_ignored(data, tmp_path):
+    """A process started in a shell's background (``cmd &``, nohup, Slicer launched that way) inherits SIGINT
+    ignored; the stop request, which arrives as SIGINT, must still cancel it (Cancel in the modules)."""
+    from radiomicgan.jobs import ExitCode
+
+    out = tmp_path / "model"
+    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+            "--crop", "32", "--vgg-weights", "random", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
+            "--device", "cpu", "--val-slices", "1", "--stop-on-stdin"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 240
+        while not lock_path(out).exists():  # the run holds its output: it is training
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        proc.wait(timeout=120)
+        assert proc.returncode == ExitCode.CANCELLED, proc.stderr.read()
+        assert not lock_path(out).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_killed_run_leaves_no_output_locked(data, tmp_path, capsys):
     out = tmp_path / "o.nrrd"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom radiomicgan.lock import OutputLock\n"
