@@ -59,11 +59,16 @@ def _env() -> dict:
 # ---------------------------------------------------------------------------------------------- item 2: one run per output
 
 
-def test_two_trains_started_together_on_one_folder_one_refuses(data, tmp_path):
-    out = tmp_path / "model"
-    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
+def _endless_train(data: Path, out: Path) -> list[str]:
+    """A train command that runs (100000 steps) until a stop request arrives on its standard input."""
+    return [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
             "--crop", "32", "--vgg-weights", "random", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
             "--device", "cpu", "--val-slices", "1", "--stop-on-stdin"]
+
+
+def test_two_trains_started_together_on_one_folder_one_refuses(data, tmp_path):
+    out = tmp_path / "model"
+    argv = _endless_train(data, out)
     procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_env()) for _ in range(2)]
     try:
@@ -95,9 +100,7 @@ def test_a_stop_request_reaches_a_run_started_with_ctrl_c_ignored(data, tmp_path
     from radiomicgan.jobs import ExitCode
 
     out = tmp_path / "model"
-    argv = [sys.executable, "-m", "radiomicgan.cli", "train", "--pairs", str(data / "pairs32"), "--out", str(out),
-            "--crop", "32", "--vgg-weights", "random", "--epochs", "1", "--steps-per-epoch", "100000", "--batch", "1",
-            "--device", "cpu", "--val-slices", "1", "--stop-on-stdin"]
+    argv = _endless_train(data, out)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
