@@ -149,7 +149,8 @@ def test_harmonize_job_result_of_a_transformed_input_shows_where_the_input_shows
 
 def test_harmonize_job_cancelled_mid_run_adds_nothing(models):
     scene = slicer.vtkMRMLScene()
-    node = add_volume_node(scene, _oblique_scan(slices=4), "scan")
+    # 24 slices: the Grad-CAM stage must outlast the stop request's way in; with 4 it could end first on a busy machine
+    node = add_volume_node(scene, _oblique_scan(slices=24), "scan")
     count = scene.GetNumberOfNodes()
     job = HarmonizeJob(scene, node, models / "gan", device="cpu")
     deadline = time.monotonic() + 300
